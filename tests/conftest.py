@@ -1,0 +1,9 @@
+"""Shared fixtures: real nats-server and haproxy processes, echo backends."""
+
+from __future__ import annotations
+
+pytest_plugins = [
+    "tests.support.echo",
+    "tests.support.nats",
+    "tests.support.haproxy",
+]
