@@ -1,0 +1,558 @@
+"""Render a validated document into HAProxy's configuration and map files.
+
+Routing is looked up, not scanned, so its per-request cost does not grow with
+the number of routes:
+
+1. The lower-cased Host (without port) is looked up in `hosts.map`, then in
+   one wildcard map per wildcard depth, to find the request's *site*: the set
+   of routes that can take requests for that host.
+2. For a site whose routes match on path alone (a literal path or a prefix
+   ending in `{**catch-all}`), `site + path` is looked up in `paths.map`
+   (exact) and then `prefixes.map` (longest prefix, a tree in HAProxy).
+3. Sites with routes that match on methods, headers, query parameters or
+   `{name}` segments get one rule per route, in YARP's order of precedence.
+
+Each route's transforms are written as rules guarded by the route's name; a
+cluster becomes a backend. Map files carry a hash of their content in their
+name, so a configuration always refers to exactly the maps it was rendered
+with, whatever happens between writing the files and the reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .document import Cluster, Document, Route, route_flag
+from .errors import RenderError
+from .transforms import Transform, parse_transforms
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "RenderSettings",
+    "Rendered",
+    "config_quote",
+    "log_format_quote",
+    "render",
+]
+
+DEFAULT_TEMPLATES = Path(__file__).parent / "templates"
+if not DEFAULT_TEMPLATES.is_dir():  # running from a source checkout
+    DEFAULT_TEMPLATES = Path(__file__).parent.parent / "templates"
+
+_BIND_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$")
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """The parts of haproxy.cfg that do not come from the document."""
+
+    http_bind: str = "127.0.0.1:8080"
+    stats_bind: str | None = "127.0.0.1:8404"
+    maxconn: int = 4096
+    timeout_connect: str = "5s"
+    timeout_client: str = "60s"
+    timeout_server: str = "100s"
+    timeout_http_request: str = "10s"
+    timeout_keep_alive: str = "10s"
+    timeout_tunnel: str = "1h"
+    hard_stop_after: str = "5m"
+    server_state_file: str | None = None
+    templates_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("http_bind", "stats_bind"):
+            value = getattr(self, name)
+            if value is not None and not _BIND_RE.match(value):
+                raise RenderError(
+                    f"{name.replace('_', '-')} {value!r} must look like "
+                    "'ADDRESS:PORT', for example '0.0.0.0:80'"
+                )
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered configuration: file names relative to the config directory."""
+
+    files: dict[str, str]
+
+    @property
+    def config(self) -> str:
+        """The text of haproxy.cfg."""
+        return self.files["haproxy.cfg"]
+
+    @property
+    def digest(self) -> str:
+        """A hash of every file, to tell whether two renders differ."""
+        digest = hashlib.sha256()
+        for name in sorted(self.files):
+            digest.update(name.encode() + b"\0" + self.files[name].encode() + b"\0")
+        return digest.hexdigest()
+
+
+def config_quote(value: str) -> str:
+    """Quote a string as one HAProxy configuration word, with nothing expanded.
+
+    Single quotes turn off every escape and variable in HAProxy's parser; a
+    single quote inside the value is written as a double-quoted `'`.
+    """
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def log_format_quote(value: str) -> str:
+    """Quote a literal for an argument HAProxy reads as a log-format string."""
+    return config_quote(value.replace("%", "%%"))
+
+
+def safe_name(prefix: str, ident: str) -> str:
+    """Derive an HAProxy object name from a document id of any content."""
+    slug = re.sub(r"[^a-z0-9]+", "-", ident.lower()).strip("-")[:24]
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    return f"{prefix}{slug}-{digest}" if slug else f"{prefix}{digest}"
+
+
+@dataclass
+class _Site:
+    name: str
+    routes: list[Route]
+    simple: bool = False
+
+
+@dataclass
+class _Plan:
+    hosts: dict[str, str] = field(default_factory=dict)
+    wildcards: dict[int, dict[str, str]] = field(default_factory=dict)
+    default_site: str | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    prefixes: dict[str, str] = field(default_factory=dict)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    acls: dict[str, str] = field(default_factory=dict)
+    backends_map: dict[str, str] = field(default_factory=dict)
+
+
+def render(document: Document, settings: RenderSettings | None = None) -> Rendered:
+    """Render `document` into haproxy.cfg and its map files."""
+    settings = settings or RenderSettings()
+    routes = sorted(document.routes, key=lambda r: r.RouteId)
+    names = {route.RouteId: safe_name("r-", route.RouteId) for route in routes}
+    plan = _Plan()
+    _plan_sites(routes, names, plan)
+    backends = _plan_backends(document, routes, names, plan)
+    maps = {
+        "hosts": _map_text(plan.hosts),
+        "paths": _map_text(plan.paths),
+        "prefixes": _map_text(plan.prefixes),
+        "backends": _map_text(plan.backends_map),
+    }
+    for depth, entries in plan.wildcards.items():
+        maps[f"wildcards{depth}"] = _map_text(entries)
+    files = {_map_file(name, text): text for name, text in maps.items()}
+    map_paths = {name: _map_file(name, text) for name, text in maps.items()}
+    context = {
+        "settings": settings,
+        "maps": map_paths,
+        "wildcard_depths": sorted(plan.wildcards, reverse=True),
+        "default_site": plan.default_site,
+        "rules": plan.rules,
+        "acls": plan.acls,
+        "actions": _route_actions(routes, names),
+        "backends": backends,
+    }
+    files["haproxy.cfg"] = _template(settings).render(context)
+    return Rendered(files)
+
+
+def _map_file(name: str, text: str) -> str:
+    return f"maps/{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.map"
+
+
+def _map_text(entries: dict[str, str]) -> str:
+    return "".join(f"{key} {entries[key]}\n" for key in sorted(entries))
+
+
+def _template(settings: RenderSettings) -> jinja2.Template:
+    directory = settings.templates_dir or DEFAULT_TEMPLATES
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # noqa: S701 (the output is HAProxy configuration)
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["q"] = config_quote
+    environment.filters["lf"] = log_format_quote
+    try:
+        return environment.get_template("haproxy.cfg.j2")
+    except jinja2.TemplateError as exc:
+        raise RenderError(
+            f"cannot load template from {str(directory)!r}: {exc}"
+        ) from exc
+
+
+# Sites ---------------------------------------------------------------------
+
+
+def _plan_sites(routes: list[Route], names: dict[str, str], plan: _Plan) -> None:
+    exact: set[str] = set()
+    wild: set[str] = set()
+    for route in routes:
+        for host in route.Match.Hosts or ():
+            (wild if host.startswith("*.") else exact).add(host.removeprefix("*"))
+    sites: dict[tuple[str, ...], _Site] = {}
+
+    def site_for(members: list[Route], host: str) -> str:
+        key = tuple(sorted(names[r.RouteId] for r in members))
+        if key not in sites:
+            digest = hashlib.sha256(" ".join(key).encode()).hexdigest()[:10]
+            ordered = sorted(members, key=lambda r: _precedence(r, host))
+            sites[key] = _Site(f"s{digest}", ordered)
+        return sites[key].name
+
+    for host in sorted(exact):
+        if members := _routes_for(routes, host):
+            plan.hosts[host] = site_for(members, host)
+    for suffix in sorted(wild):
+        depth = suffix.count(".")
+        plan.wildcards.setdefault(depth, {})[suffix] = site_for(
+            _routes_for(routes, "*" + suffix), "*" + suffix
+        )
+    hostless = [r for r in routes if not r.Match.Hosts]
+    if hostless:
+        plan.default_site = site_for(hostless, "")
+    _plan_redirects(routes, exact, plan)
+    for site in sorted(sites.values(), key=lambda s: s.name):
+        _plan_site(site, names, plan)
+
+
+def _routes_for(routes: list[Route], host: str) -> list[Route]:
+    return [r for r in routes if not r.Match.Hosts or _host_rank(r, host) < 9]
+
+
+def _host_rank(route: Route, host: str) -> int:
+    """0 for an exact match of `host`, 1 for a wildcard covering it, 9 for none."""
+    best = 9
+    for pattern in route.Match.Hosts or ():
+        if pattern == host:
+            return 0
+        suffix = pattern.removeprefix("*")
+        if pattern.startswith("*.") and host.endswith(suffix) and host != suffix:
+            best = min(best, 1)
+    return best
+
+
+def _wildcard_length(route: Route, host: str) -> int:
+    lengths = [
+        len(p)
+        for p in route.Match.Hosts or ()
+        if p.startswith("*.") and host.endswith(p[1:]) and host != p[1:]
+    ]
+    return max(lengths, default=0)
+
+
+def _precedence(route: Route, host: str) -> tuple[Any, ...]:
+    match = route.Match
+    rank = match.Path.rank if match.Path else (2,)
+    host_rank = _host_rank(route, host) if match.Hosts else 2
+    return (
+        route.Order,
+        rank,
+        host_rank,
+        -_wildcard_length(route, host),
+        0 if match.Methods else 1,
+        -len(match.Headers or ()),
+        -len(match.QueryParameters or ()),
+        route.RouteId,
+    )
+
+
+def _plan_redirects(routes: list[Route], exact: set[str], plan: _Plan) -> None:
+    for route in routes:
+        if not route_flag(route, "RedirectWww"):
+            continue
+        for host in route.Match.Hosts or ():
+            www = "www." + host
+            if host.startswith(("*.", "www.")) or www in exact:
+                continue
+            plan.hosts[www] = "@www"
+
+
+def _is_simple(route: Route) -> bool:
+    match = route.Match
+    kind = match.Path.kind if match.Path else "prefix"
+    plain = not (match.Methods or match.Headers or match.QueryParameters)
+    return plain and kind != "pattern"
+
+
+def _plan_site(site: _Site, names: dict[str, str], plan: _Plan) -> None:
+    orders = {route.Order for route in site.routes}
+    site.simple = len(orders) == 1 and all(_is_simple(r) for r in site.routes)
+    if not site.simple:
+        for route in site.routes:
+            plan.rules.append(_rule(site.name, route, names[route.RouteId], plan))
+        return
+    for route in site.routes:
+        name = names[route.RouteId]
+        path = route.Match.Path
+        prefix = path.prefix if path else ""
+        if path is not None and path.kind == "exact":
+            keys = {prefix, prefix.rstrip("/") + "/"}
+            starts: set[str] = set()
+        else:
+            keys = {prefix} if prefix else set()
+            starts = {prefix + "/"}
+        for key in keys:
+            plan.paths.setdefault(site.name + key, name)
+        for key in starts:
+            plan.prefixes.setdefault(site.name + key, name)
+
+
+def _rule(site: str, route: Route, name: str, plan: _Plan) -> dict[str, Any]:
+    conditions = [f"{{ var(txn.site) -m str {site} }}"]
+    path = route.Match.Path
+    if path is not None and path.kind == "prefix" and path.prefix:
+        plan.acls[f"{name}-path"] = path.prefix
+        conditions.append(f"{name}-path")
+    conditions += _route_conditions(route)
+    return {"route": name, "conditions": conditions}
+
+
+def _route_conditions(route: Route) -> list[str]:
+    match = route.Match
+    conditions = []
+    path = match.Path
+    if path is not None and path.kind == "pattern":
+        conditions.append(f"{{ var(txn.path) -m reg {config_quote(path.regex)} }}")
+    elif path is not None and path.kind == "exact":
+        values = _words({path.prefix, path.prefix.rstrip("/") + "/"})
+        conditions.append(f"{{ var(txn.path) -m str -- {values} }}")
+    if match.Methods:
+        conditions.append(f"{{ method {' '.join(sorted(set(match.Methods)))} }}")
+    for header in match.Headers or ():
+        conditions.append(_header_condition(header))
+    for query in match.QueryParameters or ():
+        conditions.append(_query_condition(query))
+    return conditions
+
+
+def _words(values: Iterable[str]) -> str:
+    return " ".join(config_quote(v) for v in sorted(values))
+
+
+_HEADER_MODES = {
+    "ExactHeader": "str",
+    "HeaderPrefix": "beg",
+    "Contains": "sub",
+    "NotContains": "sub",
+}
+_QUERY_MODES = {
+    "Exact": "str",
+    "Prefix": "beg",
+    "Contains": "sub",
+    "NotContains": "sub",
+}
+
+
+def _header_condition(header: Any) -> str:
+    if header.Mode == "Exists":
+        return f"{{ req.hdr_cnt({header.Name}) gt 0 }}"
+    if header.Mode == "NotExists":
+        return f"{{ req.hdr_cnt({header.Name}) eq 0 }}"
+    flags = "" if header.IsCaseSensitive else " -i"
+    method = _HEADER_MODES[header.Mode]
+    test = f"req.fhdr({header.Name}) -m {method}{flags} -- {_words(header.Values)}"
+    return ("!" if header.Mode == "NotContains" else "") + f"{{ {test} }}"
+
+
+def _query_condition(query: Any) -> str:
+    if query.Mode == "Exists":
+        return f"{{ url_param({query.Name}) -m found }}"
+    flags = "" if query.IsCaseSensitive else " -i"
+    method = _QUERY_MODES[query.Mode]
+    test = f"url_param({query.Name}) -m {method}{flags} -- {_words(query.Values)}"
+    return ("!" if query.Mode == "NotContains" else "") + f"{{ {test} }}"
+
+
+# Route actions ---------------------------------------------------------------
+
+
+def _original_host(route: Route) -> bool:
+    steps = parse_transforms(route.Transforms)
+    for step in reversed(steps):
+        if step.kind == "RequestHeaderOriginalHost":
+            return step.value == "true"
+    return bool(route_flag(route, "UseOriginalHostHeader"))
+
+
+def _route_actions(routes: list[Route], names: dict[str, str]) -> list[dict[str, Any]]:
+    actions = []
+    for route in routes:
+        steps = [
+            s
+            for s in parse_transforms(route.Transforms)
+            if s.kind != "RequestHeaderOriginalHost"
+        ]
+        if steps:
+            actions.append(
+                {
+                    "route": names[route.RouteId],
+                    "steps": [_step(step) for step in steps],
+                    "forwarded": next(
+                        (s for s in steps if s.kind == "X-Forwarded"), None
+                    ),
+                }
+            )
+    return actions
+
+
+def _step(step: Transform) -> dict[str, Any]:
+    text = {"kind": step.kind, "name": step.name, "when": step.when}
+    if step.kind == "PathRemovePrefix":
+        prefix = step.name.rstrip("/").lower()
+        text.update(prefix=prefix, length=str(len(prefix)))
+    text["value"] = step.value
+    text["action"] = step.action
+    return {**text, "step": step}
+
+
+# Backends --------------------------------------------------------------------
+
+_BALANCE = {
+    "PowerOfTwoChoices": "random(2)",
+    "Random": "random(1)",
+    "RoundRobin": "roundrobin",
+    "LeastRequests": "leastconn",
+    "FirstAlphabetical": "first",
+}
+
+
+def _plan_backends(
+    document: Document, routes: list[Route], names: dict[str, str], plan: _Plan
+) -> list[dict[str, Any]]:
+    modes: dict[str, set[bool]] = {}
+    for route in routes:
+        modes.setdefault(route.ClusterId, set()).add(_original_host(route))
+    backends = []
+    for cluster in sorted(document.clusters, key=lambda c: c.ClusterId):
+        base = safe_name("c-", cluster.ClusterId)
+        used = modes.get(cluster.ClusterId, {False})
+        primary_original = used == {True}
+        backends.append(_backend(cluster, base, primary_original, routes, None))
+        if len(used) == 2:
+            backends.append(_backend(cluster, base + "-oh", True, routes, base))
+    for route in routes:
+        base = safe_name("c-", route.ClusterId)
+        used = modes[route.ClusterId]
+        suffix = "-oh" if len(used) == 2 and _original_host(route) else ""
+        plan.backends_map[names[route.RouteId]] = base + suffix
+    return backends
+
+
+def _backend(
+    cluster: Cluster,
+    name: str,
+    original_host: bool,
+    routes: list[Route],
+    tracks: str | None,
+) -> dict[str, Any]:
+    active = cluster.HealthCheck.Active if cluster.HealthCheck else None
+    passive = cluster.HealthCheck.Passive if cluster.HealthCheck else None
+    checks = bool(active and active.Enabled)
+    passive_on = bool(passive and passive.Enabled)
+    threshold = cluster.Metadata.get("ConsecutiveFailuresHealthPolicy.Threshold", 2)
+    servers = _servers(cluster, checks, passive_on, tracks)
+    return {
+        "name": name,
+        "comment": json.dumps(cluster.ClusterId),
+        "balance": _BALANCE[cluster.LoadBalancingPolicy],
+        "send_host": not original_host,
+        "checks": checks and tracks is None,
+        "check_path": (active.Path if active and active.Path else "/"),
+        "check_host": _check_host(cluster, routes),
+        "check_interval": active.Interval if active and active.Interval else 15000,
+        "check_timeout": active.Timeout if active and active.Timeout else 10000,
+        "fall": int(threshold),
+        "passive_period": (passive.ReactivationPeriod or 120000) if passive else 0,
+        "passive": passive_on,
+        "affinity": _affinity(cluster),
+        "server_timeout": (
+            cluster.HttpRequest.ActivityTimeout if cluster.HttpRequest else None
+        ),
+        "maxconn": (
+            cluster.HttpClient.MaxConnectionsPerServer if cluster.HttpClient else None
+        ),
+        "servers": servers,
+    }
+
+
+def _servers(
+    cluster: Cluster, checks: bool, passive: bool, tracks: str | None
+) -> list[dict[str, Any]]:
+    insecure = bool(
+        cluster.HttpClient and cluster.HttpClient.DangerousAcceptAnyServerCertificate
+    )
+    first = cluster.LoadBalancingPolicy == "FirstAlphabetical"
+    servers = []
+    for index, (dest_name, destination) in enumerate(
+        sorted(cluster.Destinations.items())
+    ):
+        url = destination.url
+        health = destination.health_url
+        name = destination.Host or url.authority
+        servers.append(
+            {
+                "name": name,
+                "comment": json.dumps(dest_name),
+                "address": f"{url.host}:{url.port}",
+                "resolve": not url.is_ip,
+                "tls": url.scheme == "https",
+                "verify": not insecure,
+                "sni": None if url.is_ip else url.host,
+                "check": checks or passive,
+                "track": f"{tracks}/{name}" if tracks and (checks or passive) else None,
+                "health": health,
+                "cookie": hashlib.sha256(dest_name.encode()).hexdigest()[:12],
+                "backup": first and index > 0,
+            }
+        )
+    return servers
+
+
+def _check_host(cluster: Cluster, routes: list[Route]) -> str:
+    for route in routes:
+        if route.ClusterId == cluster.ClusterId and _original_host(route):
+            exact = sorted(h for h in route.Match.Hosts or () if not h.startswith("*."))
+            if exact:
+                return exact[0]
+    for _name, destination in sorted(cluster.Destinations.items()):
+        return destination.Host or destination.url.authority
+    return "localhost"
+
+
+def _affinity(cluster: Cluster) -> dict[str, Any] | None:
+    affinity = cluster.SessionAffinity
+    if affinity is None or not affinity.Enabled:
+        return None
+    cookie = affinity.Cookie
+    words = [affinity.AffinityKeyName, "insert", "indirect", "nocache"]
+    if cookie is None or cookie.HttpOnly:
+        words.append("httponly")
+    if cookie is not None and cookie.SecurePolicy == "Always":
+        words.append("secure")
+    if cookie is not None and cookie.Domain:
+        words += ["domain", cookie.Domain]
+    if cookie is not None and cookie.SameSite != "Unspecified":
+        words += ["attr", f"SameSite={cookie.SameSite}"]
+    if cookie is not None and cookie.MaxAge:
+        words += ["attr", f"Max-Age={cookie.MaxAge // 1000}"]
+    return {
+        "cookie": " ".join(words),
+        "redispatch": affinity.FailurePolicy == "Redistribute",
+    }
