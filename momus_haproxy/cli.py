@@ -9,9 +9,12 @@ Exit codes follow the error that stopped the command (see `errors`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +26,9 @@ from .document import Document, parse_document
 from .errors import DocumentError, MomusError
 from .install import install
 from .render import Rendered, RenderSettings, render
+from .runner import RunOptions, default_paths, run
+from .sidecar import SidecarSettings
+from .watch import Entry, NatsOptions, Store
 
 __all__ = ["main"]
 
@@ -162,3 +168,278 @@ async def check_rendered(rendered: Rendered, haproxy_bin: str) -> str:
     with tempfile.TemporaryDirectory(prefix="momus-check-") as scratch:
         install(rendered.files, Path(scratch))
         return await check(Path(scratch), haproxy_bin=haproxy_bin)
+
+
+def nats_options(func: F) -> F:
+    """Options for the NATS connection, bucket and key."""
+    options = [
+        click.option(
+            "--nats-url",
+            envvar=_env("NATS_URL", "NatsUrl"),
+            default="nats://127.0.0.1:4222",
+            show_default=True,
+            help="NATS server URL(s), comma-separated.",
+        ),
+        click.option(
+            "--bucket",
+            envvar=_env("BUCKET", "StoreName"),
+            default="momus",
+            show_default=True,
+            help="Key-value bucket holding the document.",
+        ),
+        click.option(
+            "--key",
+            envvar=_env("KEY", "KeyName"),
+            default="route-config",
+            show_default=True,
+            help="Key of the document in the bucket.",
+        ),
+        click.option("--user", envvar=_env("USER", "User"), help="NATS user name."),
+        click.option(
+            "--password", envvar=_env("PASSWORD", "Pass"), help="NATS password."
+        ),
+        click.option("--token", envvar=_env("TOKEN", "Token"), help="NATS token."),
+        click.option(
+            "--creds",
+            envvar=_env("CREDS", "CredsFilePath"),
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            help="NATS credentials file (JWT and seed).",
+        ),
+        click.option(
+            "--jwt", envvar=_env("JWT", "Jwt"), help="User JWT (with --seed)."
+        ),
+        click.option(
+            "--seed",
+            envvar=_env("SEED", "Seed"),
+            help="NKey seed (with --jwt for JWT auth, alone for NKey auth).",
+        ),
+        click.option(
+            "--nkey",
+            envvar=_env("NKEY", "NKey"),
+            help="Public NKey; it must be the one of --seed.",
+        ),
+        click.option(
+            "--tls-ca",
+            envvar=_env("TLS_CA"),
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            help="CA certificate that signed the NATS server's certificate.",
+        ),
+        click.option(
+            "--tls-cert",
+            envvar=_env("TLS_CERT"),
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            help="Client certificate for NATS over TLS.",
+        ),
+        click.option(
+            "--tls-key",
+            envvar=_env("TLS_KEY"),
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            help="Key of the client certificate.",
+        ),
+        click.option(
+            "--replicas",
+            envvar=_env("REPLICAS"),
+            type=click.IntRange(1, 5),
+            default=1,
+            show_default=True,
+            help="Replicas of the bucket when it is created (3 on a NATS cluster).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+_NATS_KEYS = (
+    "nats_url", "bucket", "key", "user", "password", "token", "creds", "jwt",
+    "seed", "nkey", "tls_ca", "tls_cert", "tls_key", "replicas",
+)  # fmt: skip
+
+
+def build_nats_options(options: dict[str, Any]) -> NatsOptions:
+    """Turn the values of `nats_options` into `NatsOptions` (and pop them)."""
+    values = {key: options.pop(key) for key in _NATS_KEYS}
+    try:
+        return NatsOptions(
+            servers=values["nats_url"],
+            bucket=values["bucket"],
+            key=values["key"],
+            user=values["user"],
+            password=values["password"],
+            token=values["token"],
+            creds_file=values["creds"],
+            jwt=values["jwt"],
+            nkey_seed=values["seed"],
+            tls_ca=values["tls_ca"],
+            tls_cert=values["tls_cert"],
+            tls_key=values["tls_key"],
+            replicas=values["replicas"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(" ".join(str(exc).split())) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command("run")
+@click.option(
+    "--standalone",
+    is_flag=True,
+    envvar=_env("STANDALONE"),
+    help="Start an embedded nats-server and HAProxy too.",
+)
+@click.option(
+    "--data-dir",
+    envvar=_env("DATA_DIR"),
+    type=click.Path(file_okay=False, path_type=Path),
+    default="momus-data",
+    show_default=True,
+    help="Where the last good document (and, standalone, NATS and HAProxy) live.",
+)
+@click.option(
+    "--config-dir",
+    envvar=_env("CONFIG_DIR"),
+    type=click.Path(file_okay=False, path_type=Path),
+    help="HAProxy's config directory [standalone: DATA_DIR/haproxy].",
+)
+@click.option(
+    "--master-socket",
+    envvar=_env("MASTER_SOCKET"),
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HAProxy's master CLI socket (sidecar mode).",
+)
+@click.option(
+    "--health-bind",
+    envvar=_env("HEALTH_BIND"),
+    default="127.0.0.1:8081",
+    show_default=True,
+    help="Address of /healthz, /readyz and /metrics ('' for none).",
+)
+@click.option(
+    "--quiet-period",
+    envvar=_env("QUIET_PERIOD"),
+    type=click.FloatRange(0, 60),
+    default=0.03,
+    show_default=True,
+    help="Seconds without a new change before a burst is applied.",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    envvar=_env("ONCE"),
+    help="Apply the current value and exit.",
+)
+@click.option(
+    "--log-level",
+    envvar=_env("LOG_LEVEL"),
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@nats_options
+@render_options
+@haproxy_option
+def run_command(**options: Any) -> None:
+    """Follow the key and keep HAProxy serving the newest good document."""
+    _setup_logging(options.pop("log_level"))
+    nats = build_nats_options(options)
+    data_dir: Path = options.pop("data_dir").absolute()
+    standalone: bool = options.pop("standalone")
+    config_dir, master_socket = default_paths(data_dir)
+    config_dir = options.pop("config_dir") or config_dir
+    given_socket = options.pop("master_socket")
+    if not standalone and given_socket is None:
+        raise click.UsageError("sidecar mode needs --master-socket (or --standalone)")
+    settings = SidecarSettings(
+        config_dir=config_dir.absolute(),
+        master_socket=given_socket or master_socket,
+        data_dir=data_dir,
+        haproxy_bin=options.pop("haproxy_bin"),
+        quiet_period=options.pop("quiet_period"),
+        render=_render_settings_or_exit(options),
+    )
+    run_options = RunOptions(
+        sidecar=settings,
+        nats=nats,
+        standalone=standalone,
+        health_bind=options.pop("health_bind") or None,
+        once=options.pop("once"),
+    )
+    _run_until_signal(run(run_options))
+
+
+def _render_settings_or_exit(options: dict[str, Any]) -> RenderSettings:
+    try:
+        return render_settings(**options)
+    except MomusError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _run_until_signal(work: Coroutine[Any, Any, None]) -> None:
+    async def main_task() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+
+    try:
+        asyncio.run(main_task())
+    except MomusError as exc:
+        fail(exc)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Read and write the routing document in NATS."""
+
+
+@config_group.command("put")
+@click.argument("file")
+@click.option("--force", is_flag=True, help="Put it even if it fails validation.")
+@nats_options
+def config_put(file: str, force: bool, **options: Any) -> None:
+    """Put FILE ('-' for standard input) under the key, after validating it."""
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    nats = build_nats_options(options)
+    try:
+        if not force:
+            parse_document(data)
+        revision = asyncio.run(_put(nats, data))
+    except MomusError as exc:
+        fail(exc)
+    click.echo(f"put revision {revision} under {nats.bucket}/{nats.key}", err=True)
+
+
+async def _put(nats: NatsOptions, data: bytes) -> int:
+    async with Store(nats) as store:
+        revision: int = await store.put(data)
+    return revision
+
+
+@config_group.command("get")
+@nats_options
+def config_get(**options: Any) -> None:
+    """Print the document stored under the key."""
+    nats = build_nats_options(options)
+    try:
+        entry = asyncio.run(_get(nats))
+    except MomusError as exc:
+        fail(exc)
+    if entry is None or entry.value is None:
+        click.echo(f"error: {nats.bucket}/{nats.key} holds no document", err=True)
+        sys.exit(1)
+    click.echo(entry.value.decode(errors="replace"))
+
+
+async def _get(nats: NatsOptions) -> Entry | None:
+    async with Store(nats) as store:
+        return await store.get()
