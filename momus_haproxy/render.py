@@ -20,6 +20,7 @@ with, whatever happens between writing the files and the reload.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -178,7 +179,11 @@ def _map_text(entries: dict[str, str]) -> str:
 
 
 def _template(settings: RenderSettings) -> jinja2.Template:
-    directory = settings.templates_dir or DEFAULT_TEMPLATES
+    return _load_template(settings.templates_dir or DEFAULT_TEMPLATES)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_template(directory: Path) -> jinja2.Template:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(directory)),
         undefined=jinja2.StrictUndefined,

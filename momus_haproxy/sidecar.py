@@ -212,11 +212,12 @@ class Sidecar:
         """
         rendered = initial_files(self.settings)
         installed = read_installed(self.settings.config_dir)
-        if installed != rendered.files:
-            await asyncio.to_thread(install, rendered.files, self.settings.config_dir)
         try:
-            await self.master.reload(timeout=self.settings.reload_timeout)
-        except ReloadError as exc:
+            if installed != rendered.files:
+                await self._install_and_reload(rendered)
+            else:
+                await self.master.reload(timeout=self.settings.reload_timeout)
+        except (InstallError, ReloadError) as exc:
             log.error("could not confirm HAProxy serves the installed files: %s", exc)
 
     async def _follow(self) -> None:

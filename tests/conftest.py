@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.echo",
     "tests.support.nats",
     "tests.support.haproxy",
+    "tests.support.sidecar",
 ]

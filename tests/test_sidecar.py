@@ -1,0 +1,319 @@
+"""The sidecar against a real nats-server and a real HAProxy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from momus_haproxy.install import read_installed
+from momus_haproxy.nats_server import EmbeddedNats
+from momus_haproxy.render import DEFAULT_TEMPLATES
+from tests.support.cases import SERVED_CASES, check_requests, prepare_case
+from tests.support.echo import EchoBackends, http_request
+from tests.support.nats import OperatorFactory
+from tests.support.sidecar import SidecarStack, SidecarStackFactory
+
+APPLY_BOUND = 5.0
+"""Seconds within which a put must be served (generous for a loaded CI box)."""
+
+
+def _document(*sites: tuple[str, int]) -> bytes:
+    routes = [
+        {"RouteId": host, "ClusterId": host, "Match": {"Hosts": [host]}}
+        for host, _ in sites
+    ]
+    clusters = [
+        {
+            "ClusterId": host,
+            "Destinations": {"d": {"Address": f"http://127.0.0.1:{port}"}},
+        }
+        for host, port in sites
+    ]
+    return json.dumps({"Routes": routes, "Clusters": clusters}).encode()
+
+
+async def _served(stack: SidecarStack, host: str, backend: str | None) -> None:
+    """Wait until `host` is answered by `backend` (None: answered 404)."""
+    deadline = time.monotonic() + APPLY_BOUND
+    while True:
+        answer = await stack.get(host)
+        body = answer.json if isinstance(answer.json, dict) else {}
+        if (backend is None and answer.status == 404) or body.get("backend") == backend:
+            return
+        assert time.monotonic() < deadline, f"{host}: {answer.status} {answer.text}"
+        await asyncio.sleep(0.02)
+
+
+class TestCases:
+    @pytest.mark.parametrize("name", SERVED_CASES)
+    async def test_case_served_after_put(
+        self,
+        name: str,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A case put by another NATS client is served as its expect.json says."""
+        stack = await sidecar_stack()
+        case = prepare_case(name, echo_backends)
+        async with operator_kv(nats_server.url) as operator:
+            started = time.monotonic()
+            revision = await operator.put(case.document)
+            result = await stack.wait_revision(revision)
+            assert result.outcome == "applied"
+            assert time.monotonic() - started < APPLY_BOUND
+        deadline = time.monotonic() + APPLY_BOUND + 5
+        await asyncio.to_thread(check_requests, case, stack.port, deadline=deadline)
+
+
+class TestChanges:
+    async def test_update_identical_delete_purge_empty(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """Updates apply, identical puts and deletes keep HAProxy as is."""
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        stack = await sidecar_stack()
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await _served(stack, "a.test", "a")
+            rev = await operator.put(_document(("a.test", a.port), ("b.test", b.port)))
+            await stack.wait_revision(rev)
+            await _served(stack, "b.test", "b")
+
+            reloads = await stack.reloads()
+            rev = await operator.put(_document(("a.test", a.port), ("b.test", b.port)))
+            assert (await stack.wait_revision(rev)).outcome == "unchanged"
+            assert await stack.reloads() == reloads
+
+            await operator.delete()
+            kept = await stack.wait_for(lambda r: r.outcome == "kept")
+            await operator.purge()
+            await stack.wait_for(lambda r: r.outcome == "kept" and r is not kept)
+            await _served(stack, "b.test", "b")
+            assert await stack.reloads() == reloads
+
+            rev = await operator.put(b'{"Routes": [], "Clusters": []}')
+            assert (await stack.wait_revision(rev)).outcome == "applied"
+            await _served(stack, "a.test", None)
+
+    async def test_refused_document_keeps_last_good(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """Every rejected case is refused whole; the last good keeps serving."""
+        a = echo_backends.start("a")
+        stack = await sidecar_stack()
+        cases = json.loads(
+            (Path(__file__).parent / "cases/rejected-documents/expect.json").read_text()
+        )["cases"]
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            files = read_installed(stack.settings.config_dir)
+            for case in cases:
+                revision = await operator.put(case["value"].encode())
+                result = await stack.wait_revision(revision)
+                assert result.outcome == "refused"
+                assert case["error_contains"] in result.error
+        await _served(stack, "a.test", "a")
+        assert read_installed(stack.settings.config_dir) == files
+        for text in files.values():
+            assert "evil" not in text and "weight 0" not in text
+
+    async def test_check_failure_keeps_last_good(
+        self,
+        tmp_path: Path,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A valid document whose render `haproxy -c` refuses is never installed."""
+        templates = tmp_path / "templates"
+        shutil.copytree(DEFAULT_TEMPLATES, templates)
+        template = templates / "haproxy.cfg.j2"
+        broken = "{% if backends | length > 1 %}    no-such-directive\n{% endif %}"
+        template.write_text(
+            template.read_text().replace(
+                "{% for backend in", broken + "{% for backend in", 1
+            )
+        )
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        stack = await sidecar_stack()
+        await stack.stop_sidecar()
+        settings = stack.settings
+        render = settings.render.__class__(
+            http_bind=settings.render.http_bind,
+            stats_bind=None,
+            templates_dir=templates,
+        )
+        await stack.start_sidecar(render=render)
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            files = read_installed(settings.config_dir)
+            revision = await operator.put(
+                _document(("a.test", a.port), ("b.test", b.port))
+            )
+            result = await stack.wait_revision(revision)
+        assert result.outcome == "check_failed"
+        assert "no-such-directive" in result.error
+        assert read_installed(settings.config_dir) == files
+        await _served(stack, "a.test", "a")
+
+    async def test_reload_failure_restores_files(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A reload HAProxy refuses after a passing check leaves all as it was."""
+        a = echo_backends.start("a")
+        stack = await sidecar_stack()
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            files = read_installed(stack.settings.config_dir)
+            taken = echo_backends.start("taken")
+            document = json.loads(_document(("a.test", a.port)))
+            # Point HAProxy's listener at a port another process holds: the
+            # check passes, but the new worker cannot bind.
+            await stack.stop_sidecar()
+            render = stack.settings.render.__class__(
+                http_bind=f"127.0.0.1:{taken.port}", stats_bind=None
+            )
+            await stack.start_sidecar(render=render, retry_delay=30)
+            document["Routes"][0]["Order"] = 1
+            revision = await operator.put(json.dumps(document).encode())
+            result = await stack.wait_for(
+                lambda r: r.revision == revision and r.outcome != "applied", 20
+            )
+        assert result.outcome == "reload_failed"
+        assert read_installed(stack.settings.config_dir) == files
+        await _served(stack, "a.test", "a")
+
+    async def test_burst_is_coalesced(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A burst of puts causes few reloads and ends on the newest revision."""
+        backends = [echo_backends.start(f"b{i}") for i in range(30)]
+        stack = await sidecar_stack()
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document()))
+            reloads = await stack.reloads()
+            last = 0
+            for index, backend in enumerate(backends):
+                sites = [
+                    (f"h{i}.test", b.port) for i, b in enumerate(backends[: index + 1])
+                ]
+                last = await operator.put(_document(*sites))
+            result = await stack.wait_revision(last)
+        assert result.outcome == "applied"
+        assert await stack.reloads() - reloads < 10
+        await _served(stack, "h29.test", "b29")
+
+
+class TestRecovery:
+    async def test_nats_restart(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """After nats-server restarts with the same store, puts apply again quickly."""
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        stack = await sidecar_stack()
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+        await nats_server.stop()
+        await _served(stack, "a.test", "a")
+        await nats_server.start()
+        async with operator_kv(nats_server.url) as operator:
+            started = time.monotonic()
+            revision = await operator.put(_document(("b.test", b.port)))
+            await stack.wait_revision(revision, timeout=10)
+        assert time.monotonic() - started < 6
+        await _served(stack, "b.test", "b")
+
+    async def test_sidecar_restart_while_nats_down(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A sidecar started while NATS is down keeps the last good and catches up."""
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        stack = await sidecar_stack()
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+        await stack.stop_sidecar()
+        await nats_server.stop()
+        stack.results.clear()
+        await stack.start_sidecar()
+        await asyncio.sleep(0.5)
+        await _served(stack, "a.test", "a")
+        await nats_server.start()
+        async with operator_kv(nats_server.url) as operator:
+            revision = await operator.put(_document(("b.test", b.port)))
+            await stack.wait_revision(revision, timeout=15)
+        await _served(stack, "b.test", "b")
+
+    async def test_requests_survive_reloads(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """Requests keep succeeding while a series of changes reload HAProxy."""
+        a = echo_backends.start("a")
+        stack = await sidecar_stack()
+        failures: list[str] = []
+        sent = 0
+        stop = threading.Event()
+
+        def load() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                try:
+                    answer = http_request(stack.port, "GET", "a.test", "/")
+                    if answer.status != 200:
+                        failures.append(str(answer.status))
+                except OSError as exc:
+                    failures.append(repr(exc))
+                sent += 1
+
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            thread = threading.Thread(target=load)
+            thread.start()
+            try:
+                for index in range(10):
+                    sites: list[Any] = [("a.test", a.port), (f"x{index}.test", a.port)]
+                    revision = await operator.put(_document(*sites))
+                    result = await stack.wait_revision(revision)
+                    assert result.outcome == "applied"
+            finally:
+                stop.set()
+                await asyncio.to_thread(thread.join)
+        assert sent > 20
+        assert failures == []
