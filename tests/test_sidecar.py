@@ -132,7 +132,8 @@ class TestChanges:
         await _served(stack, "a.test", "a")
         assert read_installed(stack.settings.config_dir) == files
         for text in files.values():
-            assert "evil" not in text and "weight 0" not in text
+            assert "evil" not in text
+            assert "weight 0" not in text
 
     async def test_check_failure_keeps_last_good(
         self,
@@ -219,7 +220,7 @@ class TestChanges:
             await stack.wait_revision(await operator.put(_document()))
             reloads = await stack.reloads()
             last = 0
-            for index, backend in enumerate(backends):
+            for index in range(len(backends)):
                 sites = [
                     (f"h{i}.test", b.port) for i, b in enumerate(backends[: index + 1])
                 ]
@@ -249,7 +250,7 @@ class TestRecovery:
         async with operator_kv(nats_server.url) as operator:
             started = time.monotonic()
             revision = await operator.put(_document(("b.test", b.port)))
-            await stack.wait_revision(revision, timeout=10)
+            await stack.wait_revision(revision, within=10)
         assert time.monotonic() - started < 6
         await _served(stack, "b.test", "b")
 
@@ -274,7 +275,7 @@ class TestRecovery:
         await nats_server.start()
         async with operator_kv(nats_server.url) as operator:
             revision = await operator.put(_document(("b.test", b.port)))
-            await stack.wait_revision(revision, timeout=15)
+            await stack.wait_revision(revision, within=15)
         await _served(stack, "b.test", "b")
 
     async def test_requests_survive_reloads(

@@ -67,10 +67,10 @@ class SidecarStack:
             self.task = None
 
     async def wait_for(
-        self, test: Callable[[ApplyResult], bool], timeout: float = 10
+        self, test: Callable[[ApplyResult], bool], within: float = 10
     ) -> ApplyResult:
         """Wait for a result that passes `test` (among all results so far)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             for result in self.results:
                 if test(result):
@@ -78,11 +78,11 @@ class SidecarStack:
             if self.task is not None and self.task.done():
                 self.task.result()
             await asyncio.sleep(0.02)
-        raise AssertionError(f"no matching result in {timeout} s: {self.results}")
+        raise AssertionError(f"no matching result in {within} s: {self.results}")
 
-    async def wait_revision(self, revision: int, timeout: float = 10) -> ApplyResult:
+    async def wait_revision(self, revision: int, within: float = 10) -> ApplyResult:
         """Wait until `revision` has a result."""
-        return await self.wait_for(lambda r: r.revision == revision, timeout)
+        return await self.wait_for(lambda r: r.revision == revision, within)
 
     async def get(self, host: str, path: str = "/", **kwargs: Any) -> Response:
         """Send a GET through HAProxy from a thread."""
