@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -97,6 +97,19 @@ class SidecarSettings:
     max_delay: float = 1.0
     retry_delay: float = 2.0
     reload_timeout: float = 15.0
+    keep_server_state: bool = True
+
+    @property
+    def state_file(self) -> Path:
+        """Where HAProxy's server states are saved before each reload."""
+        return self.config_dir / "server-state"
+
+    @property
+    def rendering(self) -> RenderSettings:
+        """The render settings, pointing HAProxy at the server-state file."""
+        if not self.keep_server_state:
+            return self.render
+        return replace(self.render, server_state_file=str(self.state_file))
 
 
 @dataclass(frozen=True)
@@ -149,12 +162,7 @@ class LastGood:
             "digest": self.digest,
             "saved_at": time.time(),
         }
-        handle, temporary = tempfile.mkstemp(dir=data_dir, prefix=".last-good-")
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(record, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, data_dir / "last-good.json")
+        _write_atomically(data_dir / "last-good.json", json.dumps(record))
 
 
 def initial_files(settings: SidecarSettings) -> Rendered:
@@ -162,10 +170,10 @@ def initial_files(settings: SidecarSettings) -> Rendered:
     last = LastGood.load(settings.data_dir)
     value = last.value if last else EMPTY_DOCUMENT
     try:
-        return render(parse_document(value), settings.render)
+        return render(parse_document(value), settings.rendering)
     except DocumentError as exc:
         log.warning("last good document no longer renders (%s); starting empty", exc)
-        return render(parse_document(EMPTY_DOCUMENT), settings.render)
+        return render(parse_document(EMPTY_DOCUMENT), settings.rendering)
 
 
 class Sidecar:
@@ -267,7 +275,7 @@ class Sidecar:
         durations: dict[str, float] = {}
         document = parse_document(entry.value)
         _warn(entry.revision, document)
-        rendered = render(document, self.settings.render)
+        rendered = render(document, self.settings.rendering)
         durations["render"] = time.monotonic() - started
         if self._is_live(rendered):
             self._remember(entry, rendered)
@@ -298,6 +306,7 @@ class Sidecar:
         live = self.settings.config_dir
         previous = await asyncio.to_thread(read_installed, live)
         await asyncio.to_thread(install, rendered.files, live)
+        await self._save_server_state()
         try:
             result = await self.master.reload(timeout=self.settings.reload_timeout)
         except ReloadError:
@@ -306,6 +315,20 @@ class Sidecar:
                     await asyncio.to_thread(install, previous, live)
             raise
         return result.new_pids[0] if result.new_pids else None
+
+    async def _save_server_state(self) -> None:
+        """Save the servers' health and weights, for the new worker to start from.
+
+        Without it a new worker assumes every server is up, and sends requests
+        to a server that checks had marked down until its own checks catch up.
+        """
+        if not self.settings.keep_server_state:
+            return
+        try:
+            text = await self.master.worker_command("show servers state")
+            await asyncio.to_thread(_write_atomically, self.settings.state_file, text)
+        except (MomusError, OSError) as exc:
+            log.warning("could not save server state before the reload: %s", exc)
 
     def _remember(self, entry: Entry, rendered: Rendered) -> None:
         assert entry.value is not None
@@ -351,6 +374,16 @@ class Sidecar:
             )
         if self.on_result is not None:
             self.on_result(result)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
 
 
 def _outcome(exc: MomusError) -> Outcome:

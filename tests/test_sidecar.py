@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -318,3 +319,71 @@ class TestRecovery:
                 await asyncio.to_thread(thread.join)
         assert sent > 20
         assert failures == []
+
+
+class TestServerState:
+    async def test_down_server_stays_down_across_reload(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A server checks marked DOWN is DOWN in the new worker from its start.
+
+        The dead server accepts connections and never answers, so a worker
+        without the saved state would take a whole check timeout to find out.
+        """
+        up = echo_backends.start("up")
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        port = silent.getsockname()[1]
+        active = {"Enabled": True, "Interval": "00:00:01", "Timeout": "00:00:03"}
+        cluster = {
+            "ClusterId": "c",
+            "LoadBalancingPolicy": "RoundRobin",
+            "HealthCheck": {"Active": {**active, "Path": "/"}},
+            "Metadata": {"ConsecutiveFailuresHealthPolicy.Threshold": "1"},
+            "Destinations": {
+                "up": {"Address": f"http://127.0.0.1:{up.port}"},
+                "down": {"Address": f"http://127.0.0.1:{port}"},
+            },
+        }
+
+        def document(*hosts: str) -> bytes:
+            route = {"RouteId": "c", "ClusterId": "c", "Match": {"Hosts": list(hosts)}}
+            return json.dumps({"Routes": [route], "Clusters": [cluster]}).encode()
+
+        stack = await sidecar_stack()
+        try:
+            async with operator_kv(nats_server.url) as operator:
+                await stack.wait_revision(await operator.put(document("a.test")))
+                dead = f"127.0.0.1:{port}"
+                await _wait_state(stack, dead, "0", within=10)
+                revision = await operator.put(document("a.test", "b.test"))
+                assert (await stack.wait_revision(revision)).outcome == "applied"
+                states = await _server_states(stack)
+        finally:
+            silent.close()
+        assert states[dead] == "0", states
+
+
+async def _server_states(stack: SidecarStack) -> dict[str, str]:
+    """Map server name to operational state (0 down, 2 up) in the current worker."""
+    text = await stack.master.worker_command("show servers state")
+    states = {}
+    for line in text.splitlines()[2:]:
+        fields = line.split()
+        if len(fields) > 5:
+            states[fields[3]] = fields[5]
+    return states
+
+
+async def _wait_state(
+    stack: SidecarStack, server: str, state: str, within: float
+) -> None:
+    deadline = time.monotonic() + within
+    while (await _server_states(stack)).get(server) != state:
+        assert time.monotonic() < deadline, await _server_states(stack)
+        await asyncio.sleep(0.2)
