@@ -23,7 +23,7 @@ import click
 from . import __version__
 from .check import check
 from .document import Document, parse_document
-from .errors import DocumentError, MomusError
+from .errors import DocumentError, MomusError, StoreError
 from .install import install
 from .render import Rendered, RenderSettings, render
 from .runner import RunOptions, default_paths, run
@@ -119,34 +119,6 @@ def _read_document(path: str) -> Document:
 @click.version_option(__version__, prog_name="momus-haproxy")
 def main() -> None:
     """Keep HAProxy's routing in step with a routing document in NATS."""
-
-
-@main.command("render")
-@click.option(
-    "--from-file",
-    "from_file",
-    metavar="FILE",
-    help="Render this document ('-' for standard input).",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write haproxy.cfg and its map files into this directory.",
-)
-@render_options
-def render_command(from_file: str | None, out: Path | None, **options: Any) -> None:
-    """Print the HAProxy configuration for a document, or write it to --out."""
-    if from_file is None:
-        raise click.UsageError("give --from-file FILE")
-    try:
-        rendered = render(_read_document(from_file), render_settings(**options))
-        if out is None:
-            click.echo(rendered.config, nl=False)
-            return
-        install(rendered.files, out)
-    except MomusError as exc:
-        fail(exc)
-    click.echo(f"wrote {len(rendered.files)} files to {out}", err=True)
 
 
 @main.command("validate")
@@ -443,3 +415,61 @@ def config_get(**options: Any) -> None:
 async def _get(nats: NatsOptions) -> Entry | None:
     async with Store(nats) as store:
         return await store.get()
+
+
+@main.command("render")
+@click.option(
+    "--from-file",
+    "from_file",
+    metavar="FILE",
+    help="Render this document ('-' for standard input).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Render the document stored in NATS instead; nothing is changed.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write haproxy.cfg and its map files into this directory.",
+)
+@nats_options
+@render_options
+def render_command(
+    from_file: str | None, dry_run: bool, out: Path | None, **options: Any
+) -> None:
+    """Print the HAProxy configuration for a document, or write it to --out.
+
+    With --dry-run the document is read from the watched key, and the
+    configuration and map files that would be installed are printed.
+    """
+    if (from_file is None) == (not dry_run):
+        raise click.UsageError("give either --from-file FILE or --dry-run")
+    nats = build_nats_options(options)
+    try:
+        document = _read_document(from_file) if from_file else _stored_document(nats)
+        rendered = render(document, render_settings(**options))
+        if out is not None:
+            install(rendered.files, out)
+        elif dry_run:
+            for name in sorted(rendered.files, key=lambda n: n != "haproxy.cfg"):
+                click.echo(f"# ---- {name}")
+                click.echo(rendered.files[name], nl=False)
+        else:
+            click.echo(rendered.config, nl=False)
+    except MomusError as exc:
+        fail(exc)
+    if out is not None:
+        click.echo(f"wrote {len(rendered.files)} files to {out}", err=True)
+
+
+def _stored_document(nats: NatsOptions) -> Document:
+    entry = asyncio.run(_get(nats))
+    if entry is None or entry.value is None:
+        raise StoreError(f"{nats.bucket}/{nats.key} holds no document")
+    document = parse_document(entry.value)
+    click.echo(f"# revision {entry.revision} of {nats.bucket}/{nats.key}", err=True)
+    for warning in document.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return document
