@@ -33,6 +33,7 @@ import logging
 import random
 import re
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -85,6 +86,8 @@ MARKERS: Final[dict[str, Operation]] = {
 # The first reconnect attempt is immediate; later ones back off from here.
 RECONNECT_WAIT_MIN: Final = 0.25
 PING_INTERVAL: Final = 15
+OUTAGE_REPORT_FIRST: Final = 30.0
+OUTAGE_REPORT_MAX: Final = 300.0
 MAX_OUTSTANDING_PINGS: Final = 2
 NKEYS_HINT: Final = "install it with: pip install 'nats-py[nkeys]'"
 
@@ -342,9 +345,11 @@ def _import_nkeys(purpose: str) -> ModuleType:
 class ConnectionEvents:
     """The connection callbacks: log what happens, then tell the store.
 
-    A repeated error (NATS still down, say) is logged at WARNING once and at
-    DEBUG after that, until the connection is back; `errors` keeps the last few
-    distinct ones for the message of a failed `open()`.
+    A lost connection is one WARNING line naming its cause, and its return one
+    INFO line. While NATS stays out of reach, the failed attempts are logged at
+    DEBUG, with a WARNING after 30 s, 60 s, 120 s and so on (at most every
+    5 minutes). Other errors are logged at WARNING once, and at DEBUG while they
+    repeat. `errors` keeps the last few distinct ones for a failed `open()`.
     """
 
     def __init__(
@@ -359,13 +364,17 @@ class ConnectionEvents:
         self.errors: list[str] = []
         self._on_reconnected = on_reconnected
         self._on_closed = on_closed
+        # When NATS went out of reach (time.monotonic()); None while connected.
+        self.down_since: float | None = time.monotonic()
+        self._next_report = OUTAGE_REPORT_FIRST
+        self._last_server: str | None = None
 
     def server(self) -> str:
         """Name the server the client is (or was last) connected to."""
         url = self.client.connected_url if self.client else None
-        if url is None or url.hostname is None:
-            return self.options.shown_servers()
-        return f"{url.hostname}:{url.port}"
+        if url is not None and url.hostname is not None:
+            self._last_server = f"{url.hostname}:{url.port}"
+        return self._last_server or self.options.shown_servers()
 
     def pick_server(
         self, servers: list[Server], info: dict[str, Any]
@@ -383,24 +392,63 @@ class ConnectionEvents:
         """Return the distinct errors seen since the last connection, in order."""
         return "; ".join(self.errors) or "no answer"
 
+    def connected(self) -> None:
+        """Note that the client is connected: the outage, if any, is over."""
+        self.errors = []
+        self.down_since = None
+        self.server()
+
     async def error(self, exc: Exception) -> None:
-        """Log an error of the connection, once while it repeats."""
+        """Log an error of the connection at the level it deserves."""
         text = str(exc) or type(exc).__name__
-        level = logging.DEBUG if text in self.errors else logging.WARNING
-        if text not in self.errors:
+        new = text not in self.errors
+        if new:
             self.errors = [*self.errors[-2:], text]
-        logger.log(level, "NATS connection error: %s", text)
+
+        reconnecting = self.client is not None and self.client.is_reconnecting
+        if reconnecting or isinstance(exc, nats.errors.StaleConnectionError):
+            # The disconnect line names the cause; retries are only news when
+            # they have been failing for a while.
+            logger.debug("NATS connection error: %s", text)
+            self._report_outage(text)
+            return
+        logger.log(logging.WARNING if new else logging.DEBUG, "NATS error: %s", text)
+        self._report_outage(text)
+
+    def _report_outage(self, text: str) -> None:
+        """Say, now and then, that NATS has been out of reach for a while."""
+        if self.down_since is None:
+            return
+        down = time.monotonic() - self.down_since
+        if down < self._next_report:
+            return
+
+        logger.warning(
+            "NATS at %s is still out of reach after %.0f s: %s",
+            self.server(),
+            down,
+            text,
+        )
+        self._next_report = min(self._next_report * 2, down + OUTAGE_REPORT_MAX)
 
     async def disconnected(self) -> None:
-        """Log that the connection was lost."""
+        """Log that the connection was lost, and why."""
         if self.client is not None and self.client.is_closed:
             return
-        logger.warning("lost the connection to NATS at %s; reconnecting", self.server())
+        cause = self.errors[-1] if self.errors else "closed by the server"
+        self.down_since = time.monotonic()
+        self._next_report = OUTAGE_REPORT_FIRST
+        logger.warning(
+            "lost the connection to NATS at %s (%s); reconnecting",
+            self.server(),
+            cause,
+        )
 
     async def reconnected(self) -> None:
         """Log that the connection is back, and let the watches catch up."""
-        self.errors = []
-        logger.info("reconnected to NATS at %s", self.server())
+        down = time.monotonic() - (self.down_since or time.monotonic())
+        self.connected()
+        logger.info("reconnected to NATS at %s after %.1f s", self.server(), down)
         if self._on_reconnected is not None:
             self._on_reconnected()
 
@@ -442,6 +490,7 @@ class _Cursor:
 
     revision: int = 0
     created: datetime | None = None
+    opened: bool = False
 
     def rebase(self, created: datetime | None, last_seq: int, where: str) -> None:
         """Start over when the stream is not the one the revisions came from."""
@@ -543,7 +592,7 @@ class Store:
             await client.connect(**kwargs)
         else:
             await self._connect_or_fail(client, kwargs, events)
-        events.errors = []
+        events.connected()
         logger.info("connected to NATS at %s as %r", events.server(), self.options.name)
 
     async def _connect_or_fail(
@@ -811,7 +860,12 @@ class Store:
         )
         watcher = _Watcher(self, subscription, generation, info.created, inbox)
         self._watchers.add(watcher)
-        logger.info("watching %s after revision %d", options.where, cursor.revision)
+        # A re-open was announced by the line that said why; one line is enough.
+        level = logging.DEBUG if cursor.opened else logging.INFO
+        logger.log(
+            level, "watching %s after revision %d", options.where, cursor.revision
+        )
+        cursor.opened = True
         return watcher
 
     async def _check(self, watcher: _Watcher) -> bool:
@@ -865,7 +919,8 @@ class _Watcher:
                 return
 
             if item is REOPEN:
-                logger.info("re-opening the watch on %s", self.store.options.where)
+                where = self.store.options.where
+                logger.info("re-opening the watch on %s to catch up", where)
                 return
             if item is CLOSED:
                 return
