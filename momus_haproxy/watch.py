@@ -119,7 +119,9 @@ def redact_url(url: str) -> str:
 class NatsOptions(BaseModel):
     """How to reach NATS, and which bucket and key hold the routing document.
 
-    `servers` also accepts one comma-separated string. Authentication follows
+    `servers` also accepts one comma-separated string; the client tries them
+    in a random order, as NATS clients do, unless `randomize` is False, when it
+    tries the first one first. Authentication follows
     NATS: `user` and `password`, or `token`, or a `creds_file`, or a user `jwt`
     signed with an NKey seed (`nkey_seed` or `nkey_seed_file`), or an NKey seed
     alone. NKey, JWT and creds-file authentication need the `nkeys` package
@@ -148,6 +150,7 @@ class NatsOptions(BaseModel):
     request_timeout: float = Field(default=5.0, gt=0)
     reconnect_wait_max: float = Field(default=2.0, gt=0)
     heartbeat: float = Field(default=5.0, gt=0)
+    randomize: bool = True
 
     @field_validator("servers", mode="before")
     @classmethod
@@ -243,6 +246,7 @@ class NatsOptions(BaseModel):
         events = events or ConnectionEvents(self)
         kwargs: dict[str, Any] = {
             "servers": list(self.servers),
+            "dont_randomize": not self.randomize,
             "name": self.name,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
@@ -612,7 +616,7 @@ class Store:
 
     async def _open_bucket(self) -> None:
         """Find or create the bucket, retrying when waiting for NATS."""
-        delay = RECONNECT_WAIT_MIN
+        delay, last = RECONNECT_WAIT_MIN, ""
         while True:
             try:
                 await self._ensure_bucket()
@@ -620,7 +624,9 @@ class Store:
             except StoreError as exc:
                 if not self.wait:
                     raise
-                logger.warning("%s; retrying in %.1f s", exc, delay)
+                level = logging.DEBUG if str(exc) == last else logging.WARNING
+                logger.log(level, "%s; retrying", exc)
+                last = str(exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.options.reconnect_wait_max)
 
@@ -817,17 +823,16 @@ class Store:
         self, inbox: asyncio.Queue[_Item], cursor: _Cursor
     ) -> _Watcher | None:
         """Subscribe to the key, retrying until it works or the store closes."""
-        delay = RECONNECT_WAIT_MIN
+        delay, last = RECONNECT_WAIT_MIN, ""
         while not self._closed:
             try:
                 return await self._subscribe(inbox, cursor)
             except (StoreError, nats.errors.Error, TimeoutError) as exc:
-                logger.warning(
-                    "cannot watch %s yet: %s; retrying in %.1f s",
-                    self.options.where,
-                    exc,
-                    delay,
-                )
+                reason = str(exc) or type(exc).__name__
+                level = logging.DEBUG if reason == last else logging.WARNING
+                where = self.options.where
+                logger.log(level, "cannot watch %s yet: %s; retrying", where, reason)
+                last = reason
             if await _pause(inbox, delay) is CLOSED:
                 return None
             delay = min(delay * 2, self.options.reconnect_wait_max)
@@ -966,13 +971,16 @@ def _operation(headers: dict[str, str] | None) -> Operation | None:
         return "PUT"
     operation = headers.get(KV_OPERATION)
     if operation is not None:
-        return MARKERS.get(operation, "PUT")
+        return MARKERS.get(operation)
     reason = headers.get(MARKER_REASON)
     return "PUT" if reason is None else MARKERS.get(reason)
 
 
 def _entry(
-    revision: int, headers: dict[str, str] | None, data: bytes | None, created: Any
+    revision: int,
+    headers: dict[str, str] | None,
+    data: bytes | None,
+    created: datetime | None,
 ) -> Entry | None:
     """Build an entry, or None for a marker this version does not know."""
     operation = _operation(headers)

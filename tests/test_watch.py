@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import logging
+import shutil
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +31,8 @@ from tests.support.nats import (
     StartNats,
     TcpProxy,
     TlsFiles,
+    jwt_auth,
+    nkey_user,
     tls_config,
 )
 
@@ -170,6 +172,25 @@ class TestOptions:
         assert 0 < wait(1) < wait(3) <= 2.0
         assert wait(50) <= 2.0
 
+    async def test_a_long_outage_is_reported_now_and_then(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A repeated error is one WARNING, then one more once NATS is away 30 s."""
+        events = ConnectionEvents(NatsOptions())
+        caplog.set_level(logging.DEBUG, logger="momus_haproxy.watch")
+
+        await events.error(OSError("connection refused"))
+        events.down_since = time.monotonic() - 31
+        await events.error(OSError("connection refused"))
+        await events.error(OSError("connection refused"))
+
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == [
+            "NATS error: connection refused",
+            "NATS at nats://127.0.0.1:4222 is still out of reach after 31 s: "
+            "connection refused",
+        ]
+
     def test_missing_tls_files_are_named(self, tmp_path: Path) -> None:
         """A TLS file that cannot be read is a StoreError naming it."""
         missing = tmp_path / "nope.pem"
@@ -178,10 +199,11 @@ class TestOptions:
         with pytest.raises(StoreError, match=r"nope\.pem"):
             options.connect_kwargs()
 
-    def test_nkey_auth_without_nkeys_says_how_to_install(self) -> None:
+    def test_nkey_auth_without_nkeys_says_how_to_install(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """NKey authentication without the nkeys package names the extra to add."""
-        if importlib.util.find_spec("nkeys") is not None:
-            pytest.skip("the nkeys package is installed here")
+        monkeypatch.setitem(sys.modules, "nkeys", None)  # makes the import fail
         options = NatsOptions(nkey_seed="SUAEXAMPLE")
 
         with pytest.raises(StoreError, match=r"nats-py\[nkeys\]"):
@@ -410,10 +432,10 @@ class TestWatch:
         assert (change.revision, change.value) == (revision, b"after")
         assert time.monotonic() - started < 3.0
 
-    async def test_a_put_while_the_server_is_down_is_caught_up(
+    async def test_a_put_before_the_watch_is_back_arrives_once(
         self, nats_server: EmbeddedNats, operator_kv: OperatorFactory
     ) -> None:
-        """Revisions written while the watch was away arrive once it is back."""
+        """A revision written before the watch has reconnected arrives, only once."""
         async with (
             Store(fast_options(nats_server.url)) as store,
             follow(store) as changes,
@@ -430,6 +452,26 @@ class TestWatch:
             await changes.nothing_for(0.5)
 
         assert change.value == b"while away"
+
+    async def test_a_server_that_lost_its_data_is_followed_from_scratch(
+        self, nats_server: EmbeddedNats, operator_kv: OperatorFactory
+    ) -> None:
+        """After a restart with an empty store, revision 1 of the new bucket comes."""
+        async with Store(fast_options(nats_server.url)) as store:
+            for value in (b"one", b"two"):
+                await store.put(value)
+            async with follow(store) as changes:
+                assert (await changes.next()).revision == 2
+
+                await nats_server.stop()
+                shutil.rmtree(nats_server.data_dir / "jetstream")
+                await nats_server.start()
+                async with operator_kv(nats_server.url) as operator:
+                    await asyncio.wait_for(operator.wait_for_bucket(), 3.0)
+                    await operator.put(b"fresh")
+                change = await changes.next()
+
+        assert (change.revision, change.value) == (1, b"fresh")
 
     async def test_a_recreated_bucket_yields_its_current_value_again(
         self, nats_server: EmbeddedNats, operator_kv: OperatorFactory
@@ -613,8 +655,7 @@ class TestAuthentication:
         self, start_nats: StartNats, tmp_path: Path, as_file: bool
     ) -> None:
         """A store with an NKey seed, as a string or a file, authenticates."""
-        nkeys = pytest.importorskip("nkeys")
-        keypair = nkeys.from_seed(_new_user_seed(nkeys))
+        keypair = nkey_user()
         public = keypair.public_key.decode()
         server = await start_nats(
             f"authorization {{ users: [ {{ nkey: {public} }} ] }}"
@@ -630,9 +671,23 @@ class TestAuthentication:
         assert revision == 1
         assert seed not in repr(store.options)
 
+    @pytest.mark.parametrize("as_creds", [False, True], ids=["jwt-seed", "creds"])
+    async def test_user_jwt(
+        self, start_nats: StartNats, tmp_path: Path, as_creds: bool
+    ) -> None:
+        """A store with a user JWT and its seed, or a creds file, authenticates."""
+        auth = jwt_auth()
+        server = await start_nats(auth.config)
+        creds = tmp_path / "user.creds"
+        creds.write_text(auth.creds())
+        options = (
+            fast_options(server.url, creds_file=creds)
+            if as_creds
+            else fast_options(server.url, jwt=auth.user_jwt, nkey_seed=auth.user_seed)
+        )
 
-def _new_user_seed(nkeys: Any) -> bytearray:
-    """Make a fresh NKey user seed with the nkeys package."""
-    signing = importlib.import_module("nacl.signing")
-    raw = signing.SigningKey.generate().encode()
-    return bytearray(nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER))
+        async with Store(options) as store:
+            revision = await store.put(b"signed")
+
+        assert revision == 1
+        assert auth.user_jwt not in repr(options)

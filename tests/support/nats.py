@@ -9,6 +9,9 @@
   certificate, made once per session with the `openssl` command.
 - `operator_kv`: `async with operator_kv(url) as op:` is a second client that
   plays the operator's `nats kv put`, separate from the `Store` under test.
+- `nkey_user()`: a fresh NKey user key pair (skips without `nkeys`).
+- `jwt_auth()`: an operator-mode server configuration and a user JWT and seed
+  for it (skips the test when the `nkeys` package is missing).
 - `nats_proxy`: a TCP proxy in front of `nats_server` whose `sever()` cuts every
   connection, so a client reconnects while the server keeps its consumers.
 
@@ -18,8 +21,13 @@ Every process is stopped by the pid we started, at teardown at the latest.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import importlib
+import json
+import secrets
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +44,12 @@ from nats.js.kv import KeyValue
 from momus_haproxy.nats_server import EmbeddedNats, free_port
 
 __all__ = [
+    "JwtAuth",
     "Operator",
     "TcpProxy",
     "TlsFiles",
+    "jwt_auth",
+    "nkey_user",
     "open_operator",
     "tls_config",
 ]
@@ -156,6 +167,91 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
         client_cert=directory / "client.pem",
         client_key=directory / "client.key",
     )
+
+
+@dataclass(frozen=True)
+class JwtAuth:
+    """A nats-server in operator mode, and a user's credentials for it."""
+
+    config: str
+    user_jwt: str
+    user_seed: str
+
+    def creds(self) -> str:
+        """Return the user's credentials in the format of a `.creds` file."""
+        return (
+            "-----BEGIN NATS USER JWT-----\n"
+            f"{self.user_jwt}\n"
+            "------END NATS USER JWT------\n\n"
+            "-----BEGIN USER NKEY SEED-----\n"
+            f"{self.user_seed}\n"
+            "------END USER NKEY SEED------\n"
+        )
+
+
+def _b64(data: bytes) -> str:
+    """Encode `data` as unpadded base64url, as JWTs do."""
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+class _Signer:
+    """Makes NKey pairs and signs NATS JWTs with the nkeys package."""
+
+    def __init__(self) -> None:
+        self.nkeys = pytest.importorskip("nkeys")
+        self.signing = importlib.import_module("nacl.signing")
+
+    def keypair(self, prefix: str) -> Any:
+        """Make a fresh key pair of a kind such as PREFIX_BYTE_USER."""
+        raw = self.signing.SigningKey.generate().encode()
+        seed = self.nkeys.encode_seed(raw, getattr(self.nkeys, prefix))
+        return self.nkeys.from_seed(bytearray(seed))
+
+    def jwt(self, issuer: Any, subject: Any, nats: dict[str, Any]) -> str:
+        """Return a JWT about `subject`, signed by `issuer`."""
+        claims = {
+            "jti": secrets.token_hex(16),
+            "iat": int(time.time()),
+            "iss": issuer.public_key.decode(),
+            "sub": subject.public_key.decode(),
+            "name": nats["type"],
+            "nats": {**nats, "version": 2},
+        }
+        header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = _b64(json.dumps(claims).encode())
+        signature = _b64(issuer.sign(f"{header}.{body}".encode()))
+        return f"{header}.{body}.{signature}"
+
+
+def nkey_user() -> Any:
+    """Make an NKey user key pair; skip the test without the nkeys package."""
+    return _Signer().keypair("PREFIX_BYTE_USER")
+
+
+def jwt_auth() -> JwtAuth:
+    """Make an operator, a JetStream account and a user; skip without nkeys."""
+    signer = _Signer()
+    operator = signer.keypair("PREFIX_BYTE_OPERATOR")
+    system, account = (signer.keypair("PREFIX_BYTE_ACCOUNT") for _ in range(2))
+    user = signer.keypair("PREFIX_BYTE_USER")
+    limits: dict[str, Any] = {"subs": -1, "data": -1, "payload": -1, "conn": -1}
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    preload = {
+        system.public_key.decode(): signer.jwt(
+            operator, system, {"type": "account", "limits": limits}
+        ),
+        account.public_key.decode(): signer.jwt(
+            operator, account, {"type": "account", "limits": limits | jetstream}
+        ),
+    }
+    config = (
+        f'operator: "{signer.jwt(operator, operator, {"type": "operator"})}"\n'
+        f"system_account: {system.public_key.decode()}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {json.dumps(preload)}\n"
+    )
+    user_jwt = signer.jwt(account, user, {"type": "user", **limits})
+    return JwtAuth(config, user_jwt, user.seed.decode())
 
 
 class Operator:
