@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +31,14 @@ from .install import install
 from .render import Rendered, RenderSettings, render
 from .runner import RunOptions, default_paths, run
 from .sidecar import SidecarSettings
+from .status import (
+    DEFAULT_BUCKET,
+    Fleet,
+    StatusSettings,
+    check_instance_id,
+    default_instance_id,
+    read_fleet,
+)
 from .watch import Entry, NatsOptions, Store
 
 __all__ = ["main"]
@@ -251,11 +262,108 @@ def build_nats_options(options: dict[str, Any]) -> NatsOptions:
         raise click.UsageError(" ".join(str(exc).split())) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+class JsonFormatter(logging.Formatter):
+    """Format each log record as one JSON object on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as `{"time", "level", "logger", "message"}`."""
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        data: dict[str, Any] = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Send log lines to stderr, as text or as one JSON object per line.
+
+    `auto` is text on a terminal and JSON otherwise (a container's log).
+    """
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def status_bucket_option(func: F) -> F:
+    """The `--status-bucket` option, shared by `run` and `status`."""
+    return click.option(
+        "--status-bucket",
+        envvar=_env("STATUS_BUCKET"),
+        default=DEFAULT_BUCKET,
+        show_default=True,
+        help="Bucket where each instance reports its status ('' for none).",
+    )(func)
+
+
+def status_options(func: F) -> F:
+    """Options of the status write-back and of readiness, for `run`."""
+    options = [
+        status_bucket_option,
+        click.option(
+            "--instance-id",
+            envvar=_env("INSTANCE_ID"),
+            default=default_instance_id,
+            show_default="the host name",
+            help="This instance's key in the status bucket; unique in the fleet.",
+        ),
+        click.option(
+            "--status-interval",
+            envvar=_env("STATUS_INTERVAL"),
+            type=click.FloatRange(0.1, 3600),
+            default=10.0,
+            show_default=True,
+            help="Seconds between status records; 3 missed ones mark it lost.",
+        ),
+        click.option(
+            "--status-ttl",
+            envvar=_env("STATUS_TTL"),
+            type=click.FloatRange(1, 365 * 86400),
+            default=3600.0,
+            show_default=True,
+            help="Maximum age of a status record (when the bucket is created).",
+        ),
+        click.option(
+            "--ready-max-lag",
+            envvar=_env("READY_MAX_LAG"),
+            type=click.FloatRange(0),
+            default=60.0,
+            show_default=True,
+            help="/readyz fails once the latest revision waits this long (0: never).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _status_settings(options: dict[str, Any]) -> StatusSettings:
+    interval, ttl = options.pop("status_interval"), options.pop("status_ttl")
+    if ttl < 2 * interval:
+        raise click.UsageError(
+            f"--status-ttl {ttl:g} must be at least twice --status-interval "
+            f"{interval:g}, or records expire between two heartbeats"
+        )
+    try:
+        instance_id = check_instance_id(options.pop("instance_id"))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return StatusSettings(
+        bucket=options.pop("status_bucket"),
+        instance_id=instance_id,
+        interval=interval,
+        ttl=ttl,
     )
 
 
@@ -314,12 +422,23 @@ def _setup_logging(level: str) -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    envvar=_env("LOG_FORMAT"),
+    type=click.Choice(["auto", "text", "json"]),
+    default="auto",
+    show_default=True,
+    help="text, or json (one object per line); auto: text on a terminal.",
+)
+@status_options
 @nats_options
 @render_options
 @haproxy_option
 def run_command(**options: Any) -> None:
     """Follow the key and keep HAProxy serving the newest good document."""
-    _setup_logging(options.pop("log_level"))
+    setup_logging(options.pop("log_level"), options.pop("log_format"))
+    status = _status_settings(options)
+    ready_max_lag: float = options.pop("ready_max_lag")
     nats = build_nats_options(options)
     data_dir: Path = options.pop("data_dir").absolute()
     standalone: bool = options.pop("standalone")
@@ -342,6 +461,8 @@ def run_command(**options: Any) -> None:
         standalone=standalone,
         health_bind=options.pop("health_bind") or None,
         once=options.pop("once"),
+        status=status,
+        ready_max_lag=ready_max_lag,
     )
     _run_until_signal(run(run_options))
 
@@ -473,3 +594,50 @@ def _stored_document(nats: NatsOptions) -> Document:
     for warning in document.warnings:
         click.echo(f"warning: {warning}", err=True)
     return document
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0),
+    default=0.0,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for every live instance to reach the latest revision.",
+)
+@status_bucket_option
+@nats_options
+def status_command(
+    as_json: bool, wait: float, status_bucket: str, **options: Any
+) -> None:
+    """Show which revision each instance serves, and why some do not.
+
+    Exits 0 when every live instance serves the latest revision of the key,
+    1 when one does not (or none reports), 6 when NATS cannot be read.
+    """
+    nats = build_nats_options(options)
+    try:
+        fleet = asyncio.run(_watch_fleet(nats, status_bucket or DEFAULT_BUCKET, wait))
+    except MomusError as exc:
+        fail(exc)
+    if as_json:
+        click.echo(json.dumps(fleet.as_json(), indent=2))
+    else:
+        click.echo(fleet.table())
+        click.echo(fleet.summary())
+    sys.exit(0 if fleet.converged else 1)
+
+
+async def _watch_fleet(nats: NatsOptions, bucket: str, wait: float) -> Fleet:
+    deadline = time.monotonic() + wait
+    async with Store(nats) as store:
+        while True:
+            fleet = await read_fleet(store, bucket)
+            if fleet.converged or time.monotonic() >= deadline:
+                return fleet
+            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+
+
+# The document commands register themselves on `main` and `config_group`,
+# which must exist before that module is imported.
+import momus_haproxy.edit  # noqa: E402, F401

@@ -5,28 +5,35 @@
 - Standalone mode: we start an embedded nats-server and HAProxy ourselves,
   then run exactly the same sidecar against them, and stop both on the way
   out (HAProxy finishing the requests in flight).
+
+Around the sidecar in both modes: the health listener (`/healthz`, `/readyz`,
+`/metrics`) and the heartbeat that writes this instance's status record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import MomusError, ReloadError
+from .check import haproxy_version
+from .errors import CheckError, DocumentError, InstallError, MomusError, ReloadError
 from .haproxy import HAProxyProcess
 from .health import HealthServer
 from .install import install
+from .metrics import Metrics
 from .nats_server import EmbeddedNats
 from .reload import MasterSocket
-from .sidecar import Sidecar, SidecarSettings, initial_files
+from .sidecar import ApplyResult, Sidecar, SidecarSettings, initial_files
+from .status import Heartbeat, StatusSettings, Tracker
 from .watch import NatsOptions, Store
 
-__all__ = ["RunOptions", "run"]
+__all__ = ["Instance", "RunOptions", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,9 @@ class RunOptions:
     standalone: bool = False
     health_bind: str | None = "127.0.0.1:8081"
     once: bool = False
+    status: StatusSettings = field(default_factory=StatusSettings)
+    ready_max_lag: float = 60.0
+    """Seconds the store's latest revision may wait before /readyz fails (0: never)."""
 
 
 async def run(options: RunOptions) -> None:
@@ -80,17 +90,66 @@ def _banner(options: RunOptions, haproxy: HAProxyProcess) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+@dataclass
+class Instance:
+    """The sidecar and what watches it: progress, metrics and status record."""
+
+    sidecar: Sidecar
+    store: Store
+    tracker: Tracker
+    metrics: Metrics
+    heartbeat: Heartbeat
+
+    @classmethod
+    def build(cls, options: RunOptions) -> Instance:
+        """Wire a sidecar, its store and its observers from `options`."""
+        store = Store(options.nats, wait=True)
+        sidecar = Sidecar(options.sidecar, store)
+        tracker = Tracker(sidecar)
+        metrics = Metrics(options.status.instance_id)
+        metrics.follow(
+            sidecar,
+            latest=lambda: tracker.latest_revision,
+            lag=tracker.lag,
+            connected=lambda: store.connected,
+        )
+        version = functools.partial(_haproxy_version, sidecar)
+        heartbeat = Heartbeat(options.status, options.nats, tracker, version)
+        instance = cls(sidecar, store, tracker, metrics, heartbeat)
+        sidecar.on_result = instance.on_result
+        return instance
+
+    def on_result(self, result: ApplyResult) -> None:
+        """Pass one result of the sidecar to each observer."""
+        self.tracker.on_result(result)
+        self.metrics.observe(result)
+        self.heartbeat.wake()
+
+
+async def _haproxy_version(sidecar: Sidecar) -> str:
+    """The running HAProxy's version, else the one of the check binary."""
+    with contextlib.suppress(ReloadError):
+        state = await sidecar.master.show_proc()
+        if state.master.version:
+            return state.master.version
+    return await asyncio.to_thread(haproxy_version, sidecar.settings.haproxy_bin)
+
+
 async def _serve(options: RunOptions) -> None:
-    store = Store(options.nats, wait=True)
-    sidecar = Sidecar(options.sidecar, store)
-    health = _health(options, sidecar)
+    await serve(options, Instance.build(options))
+
+
+async def serve(options: RunOptions, instance: Instance) -> None:
+    """Run `instance` with its health listener and heartbeat, until cancelled."""
+    health = _health(options, instance)
     async with contextlib.AsyncExitStack() as stack:
         if health is not None:
             await stack.enter_async_context(health)
+        await stack.enter_async_context(instance.heartbeat)
         if options.once:
-            await _apply_once(sidecar, store)
+            await _apply_once(instance.sidecar, instance.store)
             return
-        await sidecar.run()
+        await instance.sidecar.run()
 
 
 async def _apply_once(sidecar: Sidecar, store: Store) -> None:
@@ -101,31 +160,51 @@ async def _apply_once(sidecar: Sidecar, store: Store) -> None:
         log.info("the key holds no document; nothing to apply")
         return
     result = await sidecar.apply(entry)
-    if result.outcome not in ("applied", "unchanged", "kept"):
-        raise _OnceError(result.error)
+    if result.outcome in _ONCE_EXIT:
+        error = _OnceError(f"revision {result.revision}: {result.error}")
+        error.exit_code = _ONCE_EXIT[result.outcome]
+        raise error
 
 
 class _OnceError(MomusError):
-    exit_code = 2
+    """`run --once` could not apply the current value; exit as the stage did."""
 
 
-def _health(options: RunOptions, sidecar: Sidecar) -> HealthServer | None:
+_ONCE_EXIT = {
+    "refused": DocumentError.exit_code,
+    "check_failed": CheckError.exit_code,
+    "install_failed": InstallError.exit_code,
+    "reload_failed": ReloadError.exit_code,
+}
+
+
+def _health(options: RunOptions, instance: Instance) -> HealthServer | None:
     if not options.health_bind:
         return None
     host, _, port = options.health_bind.rpartition(":")
+    sidecar, tracker = instance.sidecar, instance.tracker
     master = MasterSocket(sidecar.settings.master_socket, retry_for=0.5)
 
     async def ready() -> tuple[bool, str]:
-        if sidecar.applied_revision is None:
+        revision = sidecar.applied_revision
+        if revision is None:
             return False, "no revision applied yet"
+        lag = tracker.lag()
+        if options.ready_max_lag and lag > options.ready_max_lag:
+            return False, (
+                f"revision {tracker.latest_revision} of the store has waited "
+                f"{lag:.0f} s (more than --ready-max-lag {options.ready_max_lag:g}); "
+                f"serving revision {revision}"
+            )
         try:
             state = await master.show_proc()
         except ReloadError as exc:
             return False, f"HAProxy's master does not answer: {exc}"
-        revision = sidecar.applied_revision
         return True, f"revision {revision} served by master pid {state.master_pid}"
 
-    return HealthServer(host.strip("[]") or "127.0.0.1", int(port), ready)
+    return HealthServer(
+        host.strip("[]") or "127.0.0.1", int(port), ready, instance.metrics.render
+    )
 
 
 def default_paths(data_dir: Path) -> tuple[Path, Path]:

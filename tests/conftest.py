@@ -7,4 +7,6 @@ pytest_plugins = [
     "tests.support.nats",
     "tests.support.haproxy",
     "tests.support.sidecar",
+    "tests.support.cluster",
+    "tests.support.fleet",
 ]
