@@ -43,18 +43,24 @@ __all__ = [
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MAX_VALUE_LENGTH = 1024
+MAX_TIMER_MS = 2**31 - 1
+"""HAProxy refuses a timeout or check interval longer than this (~24.8 days)."""
+# HAProxy 2.6 reads at most 64 words on a line. A route that matches on methods,
+# headers or query parameters becomes one `http-request` rule holding every
+# condition; the rule's own words and its path test take up to 23 of the 64.
+MAX_MATCH_WORDS = 40
 
 _HOST_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOST_RE = re.compile(rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*$")
-_AUTHORITY_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*(:[0-9]{{1,5}})?$")
-_PATH_CHARS_RE = re.compile(r"^[A-Za-z0-9\-._~!$&()*+,;=:@%/{}]*$")
+_HOST_RE = re.compile(rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*\Z")
+_AUTHORITY_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*(:[0-9]{{1,5}})?\Z")
+_PATH_CHARS_RE = re.compile(r"^[A-Za-z0-9\-._~!$&()*+,;=:@%/{}]*\Z")
 _PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_SEGMENT_PARAM_RE = re.compile(r"^\{(\*{1,2})?([A-Za-z_][A-Za-z0-9_-]*)\}$")
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_METHOD_RE = re.compile(r"^[A-Za-z]+$")
+_SEGMENT_PARAM_RE = re.compile(r"^\{(\*{1,2})?([A-Za-z_][A-Za-z0-9_-]*)\}\Z")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+_METHOD_RE = re.compile(r"^[A-Za-z]+\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _TIMESPAN_RE = re.compile(
-    r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,7}))?$"
+    r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,7}))?\Z"
 )
 
 
@@ -120,8 +126,27 @@ def _check_method(value: str) -> str:
     return value.upper()
 
 
-def _check_timespan(value: str) -> int:
+def _check_timespan(value: object) -> int:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} must be a time span text such as '00:00:30'")
     return parse_timespan(value)
+
+
+def _check_timer(value: object) -> int:
+    millis = _check_timespan(value)
+    if millis > MAX_TIMER_MS:
+        raise ValueError(
+            f"{value!r} is longer than HAProxy's longest timer, '24.20:31:23.647'"
+        )
+    return millis
+
+
+def _check_match_value(value: str) -> str:
+    # HAProxy ends a line's arguments at the first empty word, so an empty
+    # pattern would silently drop the rest of the condition.
+    if not value:
+        raise ValueError("an empty value cannot be matched; use a non-empty value")
+    return _check_text(value)
 
 
 def _check_flag(value: object) -> bool:
@@ -137,6 +162,8 @@ HostName = Annotated[str, AfterValidator(_check_host)]
 Token = Annotated[str, AfterValidator(_check_token)]
 Method = Annotated[str, AfterValidator(_check_method)]
 Millis = Annotated[int, BeforeValidator(_check_timespan)]
+Timer = Annotated[int, BeforeValidator(_check_timer)]
+MatchValue = Annotated[str, AfterValidator(_check_match_value)]
 Flag = Annotated[bool, BeforeValidator(_check_flag)]
 
 
@@ -186,7 +213,9 @@ class PathTemplate(BaseModel):
     rank: tuple[int, ...] = ()
 
 
-def _parse_path(value: str) -> PathTemplate:
+def _parse_path(value: object) -> PathTemplate:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} must be a path text such as '/api/{{**rest}}'")
     if not _PATH_CHARS_RE.match(value) or _PERCENT_RE.search(value):
         raise ValueError(
             f"{value!r} may hold only URL path characters (no spaces, quotes, "
@@ -235,7 +264,7 @@ class HeaderMatch(_Model):
     """One entry of `Match.Headers`."""
 
     Name: Token
-    Values: list[Text] = Field(default_factory=list)
+    Values: list[MatchValue] = Field(default_factory=list)
     Mode: Literal[
         "ExactHeader", "HeaderPrefix", "Contains", "NotContains", "Exists", "NotExists"
     ] = "ExactHeader"
@@ -253,7 +282,7 @@ class QueryMatch(_Model):
     """One entry of `Match.QueryParameters`."""
 
     Name: Token
-    Values: list[Text] = Field(default_factory=list)
+    Values: list[MatchValue] = Field(default_factory=list)
     Mode: Literal["Exact", "Contains", "NotContains", "Prefix", "Exists"] = "Exact"
     IsCaseSensitive: bool = False
 
@@ -294,8 +323,11 @@ class Route(_Model):
     @model_validator(mode="before")
     @classmethod
     def _null_order(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("Order", 0) is None:
-            return {**data, "Order": 0}
+        if isinstance(data, dict):
+            return {
+                key: 0 if str(key).lower() == "order" and value is None else value
+                for key, value in data.items()
+            }
         return data
 
 
@@ -385,8 +417,8 @@ class ActiveHealthCheck(_Model):
     """`HealthCheck.Active`: periodic probes of every destination."""
 
     Enabled: bool = False
-    Interval: Millis | None = None
-    Timeout: Millis | None = None
+    Interval: Timer | None = None
+    Timeout: Timer | None = None
     Policy: Literal["ConsecutiveFailures"] | None = None
     Path: Annotated[str, AfterValidator(lambda v: _check_probe_path(v))] | None = None
     Query: Unsupported = None
@@ -404,7 +436,7 @@ class PassiveHealthCheck(_Model):
 
     Enabled: bool = False
     Policy: Literal["TransportFailureRate"] | None = None
-    ReactivationPeriod: Millis | None = None
+    ReactivationPeriod: Timer | None = None
 
 
 class HealthCheckConfig(_Model):
@@ -418,7 +450,7 @@ class HealthCheckConfig(_Model):
 class AffinityCookie(_Model):
     """`SessionAffinity.Cookie`: attributes of the affinity cookie."""
 
-    Domain: HostName | None = None
+    Domain: Annotated[str, AfterValidator(lambda v: _check_domain(v))] | None = None
     HttpOnly: bool = True
     SecurePolicy: Literal["SameAsRequest", "Always", "None"] = "SameAsRequest"
     SameSite: Literal["Unspecified", "Lax", "Strict", "None"] = "Unspecified"
@@ -426,6 +458,16 @@ class AffinityCookie(_Model):
     Path: Unsupported = None
     Expiration: Unsupported = None
     IsEssential: bool | None = None
+
+
+def _check_domain(value: str) -> str:
+    host = _check_host(value)
+    if host.startswith("*."):
+        raise ValueError(
+            f"{value!r}: a cookie domain is a host name such as 'example.com', "
+            "not a wildcard"
+        )
+    return host
 
 
 class AffinityConfig(_Model):
@@ -441,7 +483,7 @@ class AffinityConfig(_Model):
 class HttpRequestConfig(_Model):
     """A cluster's `HttpRequest` settings."""
 
-    ActivityTimeout: Millis | None = None
+    ActivityTimeout: Timer | None = None
     Version: Literal["1.0", "1.1"] | None = None
     VersionPolicy: Unsupported = None
     AllowResponseBuffering: Unsupported = None
@@ -610,6 +652,15 @@ def _cross_check(model: _DocumentModel) -> tuple[list[Issue], list[Issue]]:
         where = f"Routes[{index}]"
         if not route.Match.Hosts and route.Match.Path is None:
             issues.append(Issue(f"{where}.Match", "needs Hosts or Path, or both"))
+        if (words := _match_words(route.Match)) > MAX_MATCH_WORDS:
+            issues.append(
+                Issue(
+                    f"{where}.Match",
+                    f"its Methods, Headers and QueryParameters take {words} words "
+                    f"in one HAProxy rule, where {MAX_MATCH_WORDS} fit; use fewer "
+                    "values or split the route",
+                )
+            )
         issues += check_transforms(route.Transforms, f"{where}.Transforms")
         warnings += _route_metadata(route, where, issues)
     for index, cluster in enumerate(model.Clusters):
@@ -682,11 +733,25 @@ def _cluster_problems(cluster: Cluster, where: str) -> list[Issue]:
             )
         servers[server] = name
     threshold = cluster.Metadata.get("ConsecutiveFailuresHealthPolicy.Threshold")
-    if threshold is not None and not str(threshold).isdigit():
+    if threshold is not None and not _is_threshold(threshold):
         issues.append(
             Issue(
                 f"{where}.Metadata.ConsecutiveFailuresHealthPolicy.Threshold",
-                f"{threshold!r} must be a whole number",
+                f"{threshold!r} must be a whole number from 1 to 999999999",
             )
         )
     return issues
+
+
+def _is_threshold(value: object) -> bool:
+    # str.isdigit() also takes digits such as '²' that int() refuses.
+    text = str(value)
+    return re.fullmatch(r"[0-9]{1,9}", text) is not None and int(text) >= 1
+
+
+def _match_words(match: RouteMatch) -> int:
+    """Count the words a route's methods, headers and query tests take in its rule."""
+    words = 3 + len(set(match.Methods)) if match.Methods else 0
+    for item in (*(match.Headers or ()), *(match.QueryParameters or ())):
+        words += 7 + len(item.Values)
+    return words

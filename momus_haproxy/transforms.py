@@ -17,8 +17,8 @@ from .errors import Issue
 
 __all__ = ["Transform", "check_transforms", "parse_transforms"]
 
-_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-_PATH_RE = re.compile(r"^/[A-Za-z0-9\-._~!$&()*+,;=:@%/]{0,1023}$")
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9\-._~!$&()*+,;=:@%/]{0,1023}\Z")
 _PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _FORWARDED_ACTIONS = ("Set", "Append", "Remove", "Off")
@@ -115,6 +115,8 @@ def _canonical(item: dict[str, Any]) -> tuple[str, dict[str, str]]:
         name = names.get(key.lower()) or extras.get(key.lower())
         if name is None or (name != kind and name not in SUPPORTED[kind]):
             raise _TransformError(key, f"is not a key of a {kind} transform")
+        if name in values:
+            raise _TransformError(key, "is given twice in different letter case")
         if not isinstance(value, str):
             raise _TransformError(name, f"{value!r} must be a string")
         if _CONTROL_RE.search(value) or len(value) > 1024:
@@ -149,6 +151,11 @@ def _header_write(kind: str, name: str, values: dict[str, str]) -> Transform:
     if len(actions) != 1:
         raise _TransformError(kind, "needs exactly one of 'Set' or 'Append'")
     action = actions[0]
+    if not values[action]:
+        # HAProxy ends a line's arguments at the first empty word.
+        raise _TransformError(
+            action, f"an empty value is not supported; use {kind}Remove instead"
+        )
     return Transform(
         kind, name=name, value=values[action], action=action, when=_when(values)
     )
