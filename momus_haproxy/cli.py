@@ -118,8 +118,18 @@ def fail(error: MomusError) -> None:
     sys.exit(error.exit_code)
 
 
+def read_input(path: str) -> bytes:
+    """Read a file, or standard input for '-'; a missing file is a clear error."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.FileError(path, hint=exc.strerror or str(exc)) from None
+
+
 def _read_document(path: str) -> Document:
-    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    data = read_input(path)
     document = parse_document(data)
     for warning in document.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -130,6 +140,10 @@ def _read_document(path: str) -> Document:
 @click.version_option(__version__, prog_name="momus-haproxy")
 def main() -> None:
     """Keep HAProxy's routing in step with a routing document in NATS."""
+    # One-shot commands report their own errors; the libraries' retry chatter
+    # (a refused connection before the final message) stays out of the way.
+    # `run` sets up its own logging.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
 
 
 @main.command("validate")
@@ -293,7 +307,9 @@ def setup_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), handlers=[handler], force=True
+    )
 
 
 def status_bucket_option(func: F) -> F:
@@ -501,15 +517,23 @@ def config_group() -> None:
 @nats_options
 def config_put(file: str, force: bool, **options: Any) -> None:
     """Put FILE ('-' for standard input) under the key, after validating it."""
-    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    data = read_input(file)
     nats = build_nats_options(options)
     try:
-        if not force:
-            parse_document(data)
+        _validate_before_put(data, force)
         revision = asyncio.run(_put(nats, data))
     except MomusError as exc:
         fail(exc)
     click.echo(f"put revision {revision} under {nats.bucket}/{nats.key}", err=True)
+
+
+def _validate_before_put(data: bytes, force: bool) -> None:
+    try:
+        parse_document(data)
+    except DocumentError as exc:
+        if not force:
+            raise
+        click.echo(f"warning: putting a refused document (--force): {exc}", err=True)
 
 
 async def _put(nats: NatsOptions, data: bytes) -> int:

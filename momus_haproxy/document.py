@@ -37,6 +37,7 @@ __all__ = [
     "Document",
     "Route",
     "format_location",
+    "load_json",
     "parse_document",
     "parse_timespan",
 ]
@@ -331,35 +332,37 @@ class Route(_Model):
         return data
 
 
+def _check_address(value: str) -> str:
+    _split_address(value)
+    return value
+
+
+def _check_health(value: str) -> str:
+    if _split_address(value).path not in ("", "/"):
+        raise ValueError(
+            f"{value!r}: a path in the health address is not supported; "
+            "use HealthCheck.Active.Path"
+        )
+    return value
+
+
 class Destination(_Model):
     """One destination (server) of a cluster."""
 
-    Address: str
-    Health: str | None = None
+    Address: Annotated[str, AfterValidator(_check_address)]
+    Health: Annotated[str, AfterValidator(_check_health)] | None = None
     Host: Annotated[str, AfterValidator(lambda v: _check_authority(v))] | None = None
     Metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check_addresses(self) -> Destination:
-        _split_address(self.Address, "Address")
-        if self.Health is not None:
-            health = _split_address(self.Health, "Health")
-            if health.path not in ("", "/"):
-                raise ValueError(
-                    "Health: a path in the health address is not supported; "
-                    "use HealthCheck.Active.Path"
-                )
-        return self
 
     @property
     def url(self) -> DestinationAddress:
         """The parsed `Address`."""
-        return _split_address(self.Address, "Address")
+        return _split_address(self.Address)
 
     @property
     def health_url(self) -> DestinationAddress | None:
         """The parsed `Health` address, when one is given."""
-        return _split_address(self.Health, "Health") if self.Health else None
+        return _split_address(self.Health) if self.Health else None
 
 
 @dataclass(frozen=True)
@@ -384,30 +387,26 @@ def _check_authority(value: str) -> str:
     return value.lower()
 
 
-def _split_address(value: str, name: str) -> DestinationAddress:
+def _split_address(value: str) -> DestinationAddress:
     if _CONTROL_RE.search(value) or " " in value or "\\" in value:
-        raise ValueError(f"{name}: {value!r} must be one URL without spaces")
+        raise ValueError(f"{value!r} must be one URL without spaces")
     parts = urlsplit(value.strip())
     if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError(f"{name}: {value!r} must be an http:// or https:// URL")
+        raise ValueError(f"{value!r} must be an http:// or https:// URL")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(
-            f"{name}: {value!r} must not carry user info, a query or a fragment"
-        )
+        raise ValueError(f"{value!r} must not carry user info, a query or a fragment")
     try:
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"{name}: {value!r} has a port outside 1-65535") from exc
+        raise ValueError(f"{value!r} has a port outside 1-65535") from exc
     host = (parts.hostname or "").lower()
     authority = parts.netloc.lower()
     if not _AUTHORITY_RE.match(authority) or port == 0:
         raise ValueError(
-            f"{name}: {value!r} needs a host name or IPv4 address and a port in 1-65535"
+            f"{value!r} needs a host name or IPv4 address and a port in 1-65535"
         )
     if parts.path not in ("", "/"):
-        raise ValueError(
-            f"{name}: {value!r}: a path in a destination address is not supported"
-        )
+        raise ValueError(f"{value!r}: a path in a destination address is not supported")
     scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
     default = 443 if scheme == "https" else 80
     return DestinationAddress(scheme, host, port or default, authority, parts.path)
@@ -546,7 +545,7 @@ class Document:
 
 def parse_document(data: bytes | str) -> Document:
     """Parse and validate a routing document, raising `DocumentError` if refused."""
-    value = _load_json(data)
+    value = load_json(data)
     if not isinstance(value, dict):
         kind = type(value).__name__.replace("dict", "object").replace("list", "array")
         raise DocumentError(
@@ -565,7 +564,8 @@ def parse_document(data: bytes | str) -> Document:
     return Document(tuple(model.Routes), tuple(model.Clusters), tuple(warnings))
 
 
-def _load_json(data: bytes | str) -> Any:
+def load_json(data: bytes | str) -> Any:
+    """Read a document's JSON text, refusing it with `DocumentError` if malformed."""
     if len(data) > MAX_DOCUMENT_BYTES:
         limit = MAX_DOCUMENT_BYTES // (1024 * 1024)
         raise DocumentError(
@@ -601,7 +601,9 @@ def _issues_from(exc: ValidationError) -> list[Issue]:
     for error in exc.errors(include_url=False):
         path = format_location(tuple(error["loc"]))
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "missing":
+            message = "is required"
+        elif error["type"] == "extra_forbidden":
             message = "is not a field momus-haproxy knows; remove it or fix its name"
         elif error["type"] == "literal_error":
             message = f"{error['input']!r} is not one of: {_expected(error)}"

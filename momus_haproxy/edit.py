@@ -47,10 +47,11 @@ from .cli import (
     fail,
     main,
     nats_options,
+    read_input,
     render_options,
     render_settings,
 )
-from .document import Cluster, LoadBalancing, Route, parse_document
+from .document import Cluster, LoadBalancing, Route, load_json, parse_document
 from .errors import DocumentError, Issue, MomusError, StoreError
 from .render import Rendered, RenderSettings, render
 from .status import format_table
@@ -99,11 +100,7 @@ class ConflictError(EditError):
 
 def load_raw(data: bytes | str) -> Raw:
     """Read a document's JSON object as written, without validating it."""
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        issue = Issue("", f"the document is not valid JSON: {exc}")
-        raise DocumentError([issue]) from None
+    value = load_json(data)
     if not isinstance(value, dict):
         raise DocumentError([Issue("", "the document must be a JSON object")])
     return value
@@ -323,10 +320,29 @@ class Snapshot:
 
     @property
     def raw(self) -> Raw:
-        """The document as written; an empty one when the key holds none."""
+        """The document as written; an empty one when the key holds none.
+
+        Raises:
+            EditError: the stored value is not a JSON object, so nothing can be
+                merged into it (a replacing command can still be used).
+        """
         if self.value is None:
             return {"Routes": [], "Clusters": []}
-        return load_raw(self.value)
+        try:
+            return load_raw(self.value)
+        except DocumentError as exc:
+            raise EditError(
+                f"the stored revision {self.revision} is not a JSON document "
+                f"({exc.summary()}); replace it with `config rollback REV`, "
+                "`config import FILE --strategy replace` or `config put FILE`"
+            ) from None
+
+    def raw_or_empty(self) -> Raw:
+        """The document as written, or an empty one when it cannot be read."""
+        try:
+            return self.raw
+        except EditError:
+            return {"Routes": [], "Clusters": []}
 
 
 async def snapshot(store: Store) -> Snapshot:
@@ -386,8 +402,9 @@ async def update_document(
     """
     current = start or await snapshot(store)
     for attempt in range(1, ATTEMPTS + 1):
-        new_raw = change(copy.deepcopy(current.raw))
-        diff = diff_documents(current.raw, new_raw)
+        base = current.raw if merge else current.raw_or_empty()
+        new_raw = change(copy.deepcopy(base))
+        diff = diff_documents(base, new_raw)
         if expect is not None and diff != expect:
             raise ConflictError(_changed_since(store, current.revision, "previewed"))
         written = await _put_unless_changed(store, current, new_raw, diff)
@@ -656,16 +673,6 @@ async def _with_store(nats: NatsOptions, action: Callable[[Store], Any]) -> Any:
         return await action(store)
 
 
-def _read_input(path: str) -> bytes:
-    """Read a file, or standard input for '-'."""
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read {path!r}: {exc.strerror}") from None
-
-
 def _echo_json(value: Any) -> None:
     """Print a value as indented JSON."""
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
@@ -742,7 +749,7 @@ def _is_revision(text: str) -> bool:
 async def _load_side(store: Store | None, spec: str) -> bytes:
     """Read one side of a diff: a revision's value, or a file."""
     if not _is_revision(spec):
-        return _read_input(spec)
+        return read_input(spec)
     assert store is not None
     entry = await store.get_revision(int(spec))
     if entry.value is None:
@@ -764,7 +771,7 @@ def diff_command(old: str, new: str, as_json: bool, **options: Any) -> None:
 
     async def both() -> tuple[bytes, bytes]:
         if not (_is_revision(old) or _is_revision(new)):
-            return _read_input(old), _read_input(new)
+            return read_input(old), read_input(new)
         async with Store(nats) as store:
             return await _load_side(store, old), await _load_side(store, new)
 
@@ -854,7 +861,7 @@ def import_command(file: str, strategy: str, yes: bool, **options: Any) -> None:
     """
     nats = build_nats_options(options)
     try:
-        incoming = load_raw(_read_input(file))
+        incoming = load_raw(read_input(file))
     except MomusError as exc:
         fail(exc)
 
@@ -863,12 +870,13 @@ def import_command(file: str, strategy: str, yes: bool, **options: Any) -> None:
 
     start: Snapshot = _run(_with_store(nats, snapshot))
     try:
-        result = change(copy.deepcopy(start.raw))
+        base = start.raw if strategy == "merge" else start.raw_or_empty()
+        result = change(copy.deepcopy(base))
         for warning in parse_document(dump_raw(result)).warnings:
             click.echo(f"warning: {warning}", err=True)
     except MomusError as exc:
         fail(exc)
-    preview = diff_documents(start.raw, result)
+    preview = diff_documents(base, result)
     click.echo("\n".join(preview.lines()))
     if preview.empty and start.value is not None:
         click.echo(f"nothing to write; revision {start.revision} stays", err=True)
@@ -903,13 +911,13 @@ def plan_command(file: str, as_json: bool, **options: Any) -> None:
     """
     nats = build_nats_options(options)
     try:
-        new = load_raw(_read_input(file))
+        new = load_raw(read_input(file))
         settings = render_settings(**options)
     except MomusError as exc:
         fail(exc)
     current: Snapshot = _run(_with_store(nats, snapshot))
     try:
-        plan = plan_changes(current.raw, new, settings)
+        plan = plan_changes(current.raw_or_empty(), new, settings)
     except MomusError as exc:
         fail(exc)
     if as_json:

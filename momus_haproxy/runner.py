@@ -77,6 +77,12 @@ async def _standalone(options: RunOptions) -> AsyncIterator[SidecarSettings]:
             yield replace(settings, master_socket=haproxy.master_socket)
 
 
+def _command() -> str:
+    """How this program was started, so the banner's example runs as printed."""
+    name = Path(sys.argv[0])
+    return str(name) if name.name == "momus-haproxy" else "momus-haproxy"
+
+
 def _banner(options: RunOptions, haproxy: HAProxyProcess) -> None:
     nats = options.nats
     lines = [
@@ -85,7 +91,7 @@ def _banner(options: RunOptions, haproxy: HAProxyProcess) -> None:
         "Put a routing document with any NATS client, for example:",
         f"  nats --server {nats.servers[0]} kv put {nats.bucket} {nats.key} "
         '"$(cat route-config.json)"',
-        f"  momus-haproxy config put route-config.json --nats-url {nats.servers[0]}",
+        f"  {_command()} config put route-config.json --nats-url {nats.servers[0]}",
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -283,6 +283,26 @@ class TestCommands:
         unchanged = await cli("plan", str(DOCUMENTS[0]), "--stats-bind=", url)
         assert "nothing to apply" in unchanged.stdout
 
+    async def test_rollback_over_a_value_that_is_not_json(
+        self, nats_server: EmbeddedNats, tmp_path: Path
+    ) -> None:
+        """A broken newest value blocks merges with advice but not a rollback."""
+        url = f"--nats-url={nats_server.url}"
+        good = tmp_path / "good.json"
+        good.write_text(json.dumps(BASE))
+        assert (await cli("config", "put", str(good), url)).exit_code == 0
+        broken = await cli("config", "put", "-", "--force", url, input='{"Routes": [')
+        assert "warning" in broken.stderr
+        add = await cli(
+            "routes", "add", "two", "--cluster", "web", "--host", "b.test", url
+        )
+        assert add.exit_code == 1
+        assert "config rollback" in add.stderr
+        rollback = await cli("config", "rollback", "1", url)
+        assert rollback.exit_code == 0, rollback.output
+        current = await cli("config", "get", url)
+        assert json.loads(current.stdout) == BASE
+
     async def test_import_merge_preview_and_refusals(
         self, nats_server: EmbeddedNats, tmp_path: Path
     ) -> None:
