@@ -6,22 +6,38 @@ a new worker took over, then record the revision as the last good one. Every
 step can fail; a failure leaves the live files and the running HAProxy as they
 were, and is told in one log line naming the revision.
 
-Bursts are coalesced: the applier waits for a short quiet period after a
-change (bounded by `max_delay`) and then applies only the newest revision.
+A change that only touches map entries and the servers of existing backends
+(a host moved, a destination added, removed or re-weighted) is applied
+through HAProxy's runtime API instead of a reload, after the same check and
+install (see `runtime`); if HAProxy refuses any of its commands, the reload
+follows as for any other change.
+
+Bursts are coalesced: a change that comes after a quiet spell is applied at
+once, and the changes that follow it closely wait for a quiet period (bounded
+by `max_delay`), after which only the newest revision is applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
+import math
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -37,6 +53,16 @@ from .errors import (
 from .install import install, read_installed
 from .reload import MasterSocket
 from .render import Rendered, RenderSettings, render
+from .runtime import (
+    CONFIG,
+    SendResult,
+    changed_servers,
+    loaded_maps,
+    runtime_changes,
+    send,
+    server_args,
+    touched_servers,
+)
 from .watch import Entry
 
 __all__ = [
@@ -55,6 +81,7 @@ EMPTY_DOCUMENT = b'{"Routes": [], "Clusters": []}'
 Outcome = Literal[
     "applied",
     "unchanged",
+    "runtime",
     "refused",
     "check_failed",
     "install_failed",
@@ -98,6 +125,8 @@ class SidecarSettings:
     retry_delay: float = 2.0
     reload_timeout: float = 15.0
     keep_server_state: bool = True
+    runtime_api: bool = True
+    drain_interval: float = 1.0
 
     @property
     def state_file(self) -> Path:
@@ -176,6 +205,50 @@ def initial_files(settings: SidecarSettings) -> Rendered:
         return render(parse_document(EMPTY_DOCUMENT), settings.rendering)
 
 
+@dataclass
+class _WorkerState:
+    """What the sidecar knows of the running worker beyond the live files.
+
+    `dirty` is set when runtime commands may have been applied in part: the
+    worker then matches no render, and only a reload brings it back in line;
+    `untrusted` names the servers those commands touched. `parked` holds the
+    servers removed at runtime that are in maintenance until their
+    connections drain, with the `add server` arguments they had. `lock` keeps
+    the deletion of drained servers out of an apply's way.
+    """
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dirty: bool = False
+    untrusted: set[str] = field(default_factory=set)
+    parked: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stateless(self) -> set[str]:
+        """Servers whose runtime state must not be carried into a new worker."""
+        return self.untrusted | set(self.parked)
+
+    def failed(self, commands: Sequence[str]) -> None:
+        """Note commands that may have run in part."""
+        self.dirty = True
+        self.untrusted |= touched_servers(commands)
+
+    def reloaded(self) -> None:
+        """Forget the runtime changes: a new worker has read the files."""
+        self.dirty = False
+        self.untrusted.clear()
+        self.parked.clear()
+
+    def sent(
+        self, commands: Sequence[str], result: SendResult, args: Mapping[str, str]
+    ) -> None:
+        """Record the servers enabled again and those left draining."""
+        for command in commands:
+            if command.startswith("enable server "):
+                self.parked.pop(command.removeprefix("enable server "), None)
+        for path in result.draining:
+            self.parked[path] = args.get(path, "")
+
+
 class Sidecar:
     """Follows a change source and keeps HAProxy serving the newest good revision.
 
@@ -199,6 +272,8 @@ class Sidecar:
         self.last_result: ApplyResult | None = None
         self._pending: Entry | None = None
         self._changed = asyncio.Event()
+        self._idle_since = -math.inf
+        self._worker = _WorkerState()
 
     @property
     def applied_revision(self) -> int | None:
@@ -211,6 +286,7 @@ class Sidecar:
         async with self.source, asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow())
             tasks.create_task(self._apply_forever())
+            tasks.create_task(self._delete_drained_forever())
 
     async def ensure_served(self) -> None:
         """Install the last good render if the live files differ, then reload once.
@@ -221,10 +297,12 @@ class Sidecar:
         rendered = initial_files(self.settings)
         installed = read_installed(self.settings.config_dir)
         try:
-            if installed != rendered.files:
-                await self._install_and_reload(rendered)
-            else:
-                await self.master.reload(timeout=self.settings.reload_timeout)
+            async with self._worker.lock:
+                if installed != rendered.files:
+                    await self._install_and_reload(rendered, installed)
+                else:
+                    await self.master.reload(timeout=self.settings.reload_timeout)
+                    self._worker.reloaded()
         except (InstallError, ReloadError) as exc:
             log.error("could not confirm HAProxy serves the installed files: %s", exc)
 
@@ -237,11 +315,14 @@ class Sidecar:
     async def _apply_forever(self) -> None:
         while True:
             await self._changed.wait()
-            await self._settle()
+            if time.monotonic() - self._idle_since < self.settings.quiet_period:
+                await self._settle()
+            self._changed.clear()
             entry, self._pending = self._pending, None
             if entry is None:
                 continue
             result = await self.apply(entry)
+            self._idle_since = time.monotonic()
             if result.retryable and self._pending is None:
                 await asyncio.sleep(self.settings.retry_delay)
                 if self._pending is None:
@@ -263,7 +344,8 @@ class Sidecar:
         """Apply one revision of the key; never raises for an expected failure."""
         started = time.monotonic()
         try:
-            result = await self._apply(entry, started)
+            async with self._worker.lock:
+                result = await self._apply(entry, started)
         except MomusError as exc:
             result = ApplyResult(entry.revision, _outcome(exc), _one_line(exc))
         self._report(result, started)
@@ -273,40 +355,117 @@ class Sidecar:
         if entry.operation != "PUT" or entry.value is None:
             return ApplyResult(entry.revision, "kept", f"key {entry.operation.lower()}")
         durations: dict[str, float] = {}
-        document = parse_document(entry.value)
-        _warn(entry.revision, document)
-        rendered = render(document, self.settings.rendering)
+        with _collector_paused():
+            document = parse_document(entry.value)
+            _warn(entry.revision, document)
+            rendered = render(document, self.settings.rendering)
         durations["render"] = time.monotonic() - started
-        if self._is_live(rendered):
+        installed = await asyncio.to_thread(read_installed, self.settings.config_dir)
+        if self._is_live(rendered, installed):
             self._remember(entry, rendered)
             return ApplyResult(entry.revision, "unchanged", durations=durations)
         step = time.monotonic()
-        await self._check(rendered)
+        commands = await self._check_and_plan(rendered, installed)
         durations["check"] = time.monotonic() - step
         step = time.monotonic()
-        worker = await self._install_and_reload(rendered)
+        if await self._apply_at_runtime(entry.revision, rendered, installed, commands):
+            durations["runtime"] = time.monotonic() - step
+            self._remember(entry, rendered)
+            return ApplyResult(entry.revision, "runtime", "", durations)
+        step = time.monotonic()
+        worker = await self._install_and_reload(rendered, installed)
         durations["reload"] = time.monotonic() - step
         self._remember(entry, rendered)
         return ApplyResult(entry.revision, "applied", "", durations, worker)
 
-    def _is_live(self, rendered: Rendered) -> bool:
+    def _is_live(self, rendered: Rendered, installed: dict[str, str]) -> bool:
         good = self.last_good
-        if good is None or good.digest != rendered.digest:
+        if good is None or good.digest != rendered.digest or self._worker.dirty:
             return False
-        return read_installed(self.settings.config_dir) == rendered.files
+        return installed == rendered.files
 
     async def _check(self, rendered: Rendered) -> None:
         scratch_root = self.settings.data_dir / "scratch"
         scratch_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
-            await asyncio.to_thread(install, rendered.files, Path(scratch))
+            await asyncio.to_thread(_write_scratch, rendered.files, Path(scratch))
             await check(Path(scratch), haproxy_bin=self.settings.haproxy_bin)
 
-    async def _install_and_reload(self, rendered: Rendered) -> int | None:
+    async def _check_and_plan(
+        self, rendered: Rendered, installed: dict[str, str]
+    ) -> list[str] | None:
+        """Check `rendered`; meanwhile, work out its runtime commands, if any.
+
+        `haproxy -c` runs in a process of its own, so comparing the renders
+        (in a thread) costs no time of its own. A failed check raises.
+        """
+        checking = asyncio.create_task(self._check(rendered))
+        try:
+            commands = await self._runtime_commands(installed, rendered)
+        except BaseException:
+            checking.cancel()
+            raise
+        await checking
+        return commands
+
+    async def _apply_at_runtime(
+        self,
+        revision: int,
+        rendered: Rendered,
+        installed: dict[str, str],
+        commands: list[str] | None,
+    ) -> bool:
+        """Install `rendered` and send `commands` through the runtime API.
+
+        Returns False, with nothing installed, when there are no commands (a
+        reload is needed); and False after installing when HAProxy refused a
+        command, in which case the reload that follows brings the worker in
+        line with the files.
+        """
+        if commands is None:
+            return False
+        await asyncio.to_thread(install, rendered.files, self.settings.config_dir)
+        try:
+            sent = await send(self.master, commands)
+        except ReloadError as exc:
+            self._worker.failed(commands)
+            log.warning("revision %d: %s; reloading instead", revision, exc)
+            return False
+        drained = server_args(Rendered(installed), sent.draining)
+        self._worker.sent(commands, sent, drained)
+        return True
+
+    async def _runtime_commands(
+        self, installed: dict[str, str], rendered: Rendered
+    ) -> list[str] | None:
+        if not self.settings.runtime_api or self._worker.dirty or not installed:
+            return None
+        try:
+            loaded = loaded_maps(await self.master.worker_command("show map"))
+        except ReloadError as exc:
+            log.debug("cannot list the worker's maps (%s); reloading", exc)
+            return None
+        live, parked = Rendered(installed), dict(self._worker.parked)
+
+        def compare() -> list[str] | None:
+            with _collector_paused():
+                return runtime_changes(live, rendered, loaded=loaded, parked=parked)
+
+        return await asyncio.to_thread(compare)
+
+    async def _install_and_reload(
+        self, rendered: Rendered, previous: dict[str, str]
+    ) -> int | None:
+        """Install `rendered` and reload; on failure put `previous` back."""
         live = self.settings.config_dir
-        previous = await asyncio.to_thread(read_installed, live)
-        await asyncio.to_thread(install, rendered.files, live)
-        await self._save_server_state()
+        done = await asyncio.gather(
+            asyncio.to_thread(install, rendered.files, live),
+            self._save_server_state(rendered, previous),
+            return_exceptions=True,
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
         try:
             result = await self.master.reload(timeout=self.settings.reload_timeout)
         except ReloadError:
@@ -314,21 +473,53 @@ class Sidecar:
                 if previous:
                     await asyncio.to_thread(install, previous, live)
             raise
+        self._worker.reloaded()
         return result.new_pids[0] if result.new_pids else None
 
-    async def _save_server_state(self) -> None:
+    async def _save_server_state(
+        self, rendered: Rendered, previous: dict[str, str]
+    ) -> None:
         """Save the servers' health and weights, for the new worker to start from.
 
         Without it a new worker assumes every server is up, and sends requests
         to a server that checks had marked down until its own checks catch up.
+        Left out, so that the new worker starts them as the files say: servers
+        whose line changes (HAProxy would keep the old port over the new one),
+        servers removed at runtime and still draining (one that comes back
+        must not come back in maintenance), and those a refused batch of
+        runtime commands touched.
         """
         if not self.settings.keep_server_state:
             return
         try:
             text = await self.master.worker_command("show servers state")
+            changed = set()
+            if CONFIG in previous:
+                live = Rendered(previous)
+                changed = await asyncio.to_thread(changed_servers, live, rendered)
+            text = _without_servers(text, self._worker.stateless | changed)
             await asyncio.to_thread(_write_atomically, self.settings.state_file, text)
         except (MomusError, OSError) as exc:
             log.warning("could not save server state before the reload: %s", exc)
+
+    async def _delete_drained_forever(self) -> None:
+        """Delete the servers removed at runtime once their connections are gone."""
+        while True:
+            await asyncio.sleep(self.settings.drain_interval)
+            if self._worker.parked:
+                async with self._worker.lock:
+                    await self._delete_drained()
+
+    async def _delete_drained(self) -> None:
+        for path in sorted(self._worker.parked):
+            try:
+                answer = await self.master.worker_command(f"del server {path}")
+            except ReloadError as exc:
+                log.debug("cannot delete drained server %s yet: %s", path, exc)
+                return
+            if not answer.strip().startswith("Server still has connections"):
+                log.debug("deleting drained server %s: %s", path, answer.strip())
+                self._worker.parked.pop(path, None)
 
     def _remember(self, entry: Entry, rendered: Rendered) -> None:
         assert entry.value is not None
@@ -352,6 +543,17 @@ class Sidecar:
                     for k in ("render", "check", "reload")
                 ),
                 result.worker_pid,
+            )
+        elif result.outcome == "runtime":
+            log.info(
+                "revision %d applied at runtime in %.0f ms (render %.0f, check %.0f, "
+                "runtime %.0f ms); no reload",
+                result.revision,
+                total,
+                *(
+                    result.durations.get(k, 0) * 1000
+                    for k in ("render", "check", "runtime")
+                ),
             )
         elif result.outcome == "unchanged":
             log.info("revision %d renders what is live; no reload", result.revision)
@@ -384,6 +586,49 @@ def _write_atomically(path: Path, text: str) -> None:
         os.fsync(stream.fileno())
     os.chmod(temporary, 0o644)
     os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector around a burst of allocations.
+
+    Parsing and rendering a large document make hundreds of thousands of
+    objects that all live until the render is done; each full collection on
+    the way walks them all again, which took about a third of the time at
+    10,000 routes. Reference counting frees them as usual; the collector
+    resumes afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _write_scratch(files: Mapping[str, str], directory: Path) -> None:
+    """Write files for `haproxy -c` only: no fsync, the directory is thrown away."""
+    for name, text in files.items():
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise InstallError(f"refusing to write {name!r} outside {directory}.")
+        path = directory / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def _without_servers(state: str, servers: Collection[str]) -> str:
+    """Drop the lines of `servers` (`backend/server`) from `show servers state`."""
+    if not servers:
+        return state
+    kept = []
+    for line in state.splitlines(keepends=True):
+        fields = line.split()
+        if len(fields) > 3 and f"{fields[1]}/{fields[3]}" in servers:
+            continue
+        kept.append(line)
+    return "".join(kept)
 
 
 def _outcome(exc: MomusError) -> Outcome:

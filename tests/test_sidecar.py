@@ -19,25 +19,10 @@ from momus_haproxy.render import DEFAULT_TEMPLATES
 from tests.support.cases import SERVED_CASES, check_requests, prepare_case
 from tests.support.echo import EchoBackends, http_request
 from tests.support.nats import OperatorFactory
-from tests.support.sidecar import SidecarStack, SidecarStackFactory
+from tests.support.sidecar import SidecarStack, SidecarStackFactory, sites_document
 
 APPLY_BOUND = 5.0
 """Seconds within which a put must be served (generous for a loaded CI box)."""
-
-
-def _document(*sites: tuple[str, int]) -> bytes:
-    routes = [
-        {"RouteId": host, "ClusterId": host, "Match": {"Hosts": [host]}}
-        for host, _ in sites
-    ]
-    clusters = [
-        {
-            "ClusterId": host,
-            "Destinations": {"d": {"Address": f"http://127.0.0.1:{port}"}},
-        }
-        for host, port in sites
-    ]
-    return json.dumps({"Routes": routes, "Clusters": clusters}).encode()
 
 
 async def _served(stack: SidecarStack, host: str, backend: str | None) -> None:
@@ -87,14 +72,20 @@ class TestChanges:
         a, b = echo_backends.start("a"), echo_backends.start("b")
         stack = await sidecar_stack()
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
             await _served(stack, "a.test", "a")
-            rev = await operator.put(_document(("a.test", a.port), ("b.test", b.port)))
+            rev = await operator.put(
+                sites_document(("a.test", a.port), ("b.test", b.port))
+            )
             await stack.wait_revision(rev)
             await _served(stack, "b.test", "b")
 
             reloads = await stack.reloads()
-            rev = await operator.put(_document(("a.test", a.port), ("b.test", b.port)))
+            rev = await operator.put(
+                sites_document(("a.test", a.port), ("b.test", b.port))
+            )
             assert (await stack.wait_revision(rev)).outcome == "unchanged"
             assert await stack.reloads() == reloads
 
@@ -123,7 +114,9 @@ class TestChanges:
             (Path(__file__).parent / "cases/rejected-documents/expect.json").read_text()
         )["cases"]
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
             files = read_installed(stack.settings.config_dir)
             for case in cases:
                 revision = await operator.put(case["value"].encode())
@@ -165,10 +158,12 @@ class TestChanges:
         )
         await stack.start_sidecar(render=render)
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
             files = read_installed(settings.config_dir)
             revision = await operator.put(
-                _document(("a.test", a.port), ("b.test", b.port))
+                sites_document(("a.test", a.port), ("b.test", b.port))
             )
             result = await stack.wait_revision(revision)
         assert result.outcome == "check_failed"
@@ -187,10 +182,12 @@ class TestChanges:
         a = echo_backends.start("a")
         stack = await sidecar_stack()
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
             files = read_installed(stack.settings.config_dir)
             taken = echo_backends.start("taken")
-            document = json.loads(_document(("a.test", a.port)))
+            document = json.loads(sites_document(("a.test", a.port)))
             # Point HAProxy's listener at a port another process holds: the
             # check passes, but the new worker cannot bind.
             await stack.stop_sidecar()
@@ -218,14 +215,14 @@ class TestChanges:
         backends = [echo_backends.start(f"b{i}") for i in range(30)]
         stack = await sidecar_stack()
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document()))
+            await stack.wait_revision(await operator.put(sites_document()))
             reloads = await stack.reloads()
             last = 0
             for index in range(len(backends)):
                 sites = [
                     (f"h{i}.test", b.port) for i, b in enumerate(backends[: index + 1])
                 ]
-                last = await operator.put(_document(*sites))
+                last = await operator.put(sites_document(*sites))
             result = await stack.wait_revision(last)
         assert result.outcome == "applied"
         assert await stack.reloads() - reloads < 10
@@ -244,13 +241,15 @@ class TestRecovery:
         a, b = echo_backends.start("a"), echo_backends.start("b")
         stack = await sidecar_stack()
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
         await nats_server.stop()
         await _served(stack, "a.test", "a")
         await nats_server.start()
         async with operator_kv(nats_server.url) as operator:
             started = time.monotonic()
-            revision = await operator.put(_document(("b.test", b.port)))
+            revision = await operator.put(sites_document(("b.test", b.port)))
             await stack.wait_revision(revision, within=10)
         assert time.monotonic() - started < 6
         await _served(stack, "b.test", "b")
@@ -266,7 +265,9 @@ class TestRecovery:
         a, b = echo_backends.start("a"), echo_backends.start("b")
         stack = await sidecar_stack()
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
         await stack.stop_sidecar()
         await nats_server.stop()
         stack.results.clear()
@@ -275,7 +276,7 @@ class TestRecovery:
         await _served(stack, "a.test", "a")
         await nats_server.start()
         async with operator_kv(nats_server.url) as operator:
-            revision = await operator.put(_document(("b.test", b.port)))
+            revision = await operator.put(sites_document(("b.test", b.port)))
             await stack.wait_revision(revision, within=15)
         await _served(stack, "b.test", "b")
 
@@ -305,13 +306,15 @@ class TestRecovery:
                 sent += 1
 
         async with operator_kv(nats_server.url) as operator:
-            await stack.wait_revision(await operator.put(_document(("a.test", a.port))))
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
             thread = threading.Thread(target=load)
             thread.start()
             try:
                 for index in range(10):
                     sites: list[Any] = [("a.test", a.port), (f"x{index}.test", a.port)]
-                    revision = await operator.put(_document(*sites))
+                    revision = await operator.put(sites_document(*sites))
                     result = await stack.wait_revision(revision)
                     assert result.outcome == "applied"
             finally:
@@ -351,9 +354,10 @@ class TestServerState:
             },
         }
 
-        def document(*hosts: str) -> bytes:
+        def document(*hosts: str, more: tuple[Any, ...] = ()) -> bytes:
             route = {"RouteId": "c", "ClusterId": "c", "Match": {"Hosts": list(hosts)}}
-            return json.dumps({"Routes": [route], "Clusters": [cluster]}).encode()
+            clusters = [cluster, *more]
+            return json.dumps({"Routes": [route], "Clusters": clusters}).encode()
 
         stack = await sidecar_stack()
         try:
@@ -361,7 +365,10 @@ class TestServerState:
                 await stack.wait_revision(await operator.put(document("a.test")))
                 dead = f"127.0.0.1:{port}"
                 await _wait_state(stack, dead, "0", within=10)
-                revision = await operator.put(document("a.test", "b.test"))
+                # A new cluster needs a reload (more hosts would not: runtime API).
+                up_only = {"up": {"Address": f"http://127.0.0.1:{up.port}"}}
+                spare = {"ClusterId": "spare", "Destinations": up_only}
+                revision = await operator.put(document("a.test", more=(spare,)))
                 assert (await stack.wait_revision(revision)).outcome == "applied"
                 states = await _server_states(stack)
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from momus_haproxy.watch import NatsOptions, Store
 from tests.support.echo import Response, free_port, http_request
 from tests.support.haproxy import HAProxyRunner
 
-__all__ = ["SidecarStack", "sidecar_stack"]
+__all__ = ["SidecarStack", "sidecar_stack", "sites_document"]
 
 
 @dataclass
@@ -130,3 +131,19 @@ async def sidecar_stack(
 
     for stack in stacks:
         await stack.stop_sidecar()
+
+
+def sites_document(*sites: tuple[str, int]) -> bytes:
+    """A document routing each `(host, port)` to a cluster of its own."""
+    routes = [
+        {"RouteId": host, "ClusterId": host, "Match": {"Hosts": [host]}}
+        for host, _ in sites
+    ]
+    clusters = [
+        {
+            "ClusterId": host,
+            "Destinations": {"d": {"Address": f"http://127.0.0.1:{port}"}},
+        }
+        for host, port in sites
+    ]
+    return json.dumps({"Routes": routes, "Clusters": clusters}).encode()
