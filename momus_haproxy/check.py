@@ -96,8 +96,14 @@ async def _run_check(
     except (FileNotFoundError, PermissionError) as exc:
         raise CheckError(missing_binary_message(haproxy_bin)) from exc
 
+    # Not `wait_for`: on 3.11 it loses a cancellation that arrives as the
+    # check ends, and a cancelled apply would go on to install and reload.
     try:
-        raw, _ = await asyncio.wait_for(process.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            raw, _ = await process.communicate()
+    except asyncio.CancelledError:
+        process.kill()
+        raise
     except TimeoutError:
         process.kill()
         await process.wait()

@@ -7,9 +7,12 @@ measured against Debian's 2.6.12:
 - One command per connection: the master answers only after the client has
   shut down its side for writing, then closes the connection.
 - `reload` prints nothing. The master re-executes itself: it resets the open
-  connection and refuses new ones until it has read the configuration again
-  (about 0.1 s; about 2 s when a listener cannot be bound, because HAProxy
-  retries the bind). `MasterSocket` retries for a bounded time.
+  connections, or closes them without an answer, and refuses new ones until
+  it has read the configuration again (about 0.1 s; about 2 s when a listener
+  cannot be bound, because HAProxy retries the bind). `MasterSocket` retries
+  for a bounded time; measured with four clients asking `show proc` in a loop
+  through 30 reloads, 48 of 3,172 connections that got through were closed
+  without an answer.
 - `show proc` reads::
 
       #<PID>          <type>          <reloads>       <uptime>        <version>
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import time
@@ -308,15 +312,23 @@ class MasterSocket:
         """Send `line` and return the answer, retrying while the master is away.
 
         `after_cut` says what a reset after connecting means: `resend` for a
-        command safe to repeat, `raise` for one that may have run, `accept`
-        for `reload`, whose own re-execution resets the connection.
+        command safe to repeat (an empty answer counts as a reset then, as no
+        such command answers nothing), `raise` for one that may have run,
+        `accept` for `reload`, whose own re-execution resets the connection.
         """
         self._check_usable(line)
         began = time.monotonic()
         deadline = began + self.retry_for if until is None else until
         while True:
             try:
-                return await asyncio.wait_for(self._converse(line), self.answer_timeout)
+                # Not `wait_for`: on 3.11 it loses a cancellation that arrives
+                # as the answer does, and a cancelled sidecar would never stop.
+                async with asyncio.timeout(self.answer_timeout):
+                    answer = await self._converse(line)
+                if answer or after_cut != "resend":
+                    return answer
+                # A re-executing master may also close the connection unanswered.
+                raise ConnectionResetError(errno.ECONNRESET, "closed unanswered")
             except _RETRIED as exc:
                 cut = isinstance(exc, ConnectionResetError | BrokenPipeError)
                 if cut and after_cut == "accept":
