@@ -89,6 +89,7 @@ PING_INTERVAL: Final = 15
 OUTAGE_REPORT_FIRST: Final = 30.0
 OUTAGE_REPORT_MAX: Final = 300.0
 MAX_OUTSTANDING_PINGS: Final = 2
+CONSUMER_DELETE_TIMEOUT: Final = 1.0
 NKEYS_HINT: Final = "install it with: pip install 'nats-py[nkeys]'"
 
 
@@ -149,7 +150,9 @@ class NatsOptions(BaseModel):
     connect_timeout: float = Field(default=5.0, gt=0)
     request_timeout: float = Field(default=5.0, gt=0)
     reconnect_wait_max: float = Field(default=2.0, gt=0)
-    heartbeat: float = Field(default=5.0, gt=0)
+    # On a cluster, a watch whose consumer lived on a server that stopped hears
+    # nothing until two heartbeats are missed: 1 s keeps that to about 2 s.
+    heartbeat: float = Field(default=1.0, gt=0)
     randomize: bool = True
 
     @field_validator("servers", mode="before")
@@ -917,7 +920,10 @@ class _Watcher:
         every = 2 * self.store.options.heartbeat
         while True:
             try:
-                item = await asyncio.wait_for(self.inbox.get(), every)
+                # Not `wait_for`: on 3.11 it loses a cancellation that arrives
+                # with an item, and the watch would outlive its sidecar.
+                async with asyncio.timeout(every):
+                    item = await self.inbox.get()
             except TimeoutError:
                 if await self.store._check(self):
                     continue
@@ -947,8 +953,12 @@ class _Watcher:
         # The ordered consumer may have replaced its consumer; `_consumer` is
         # the one it uses now, and nats-py offers no public name for it.
         consumer = subscription._consumer
+        # A consumer on a server that has just stopped answers nothing; the
+        # cluster drops it after `inactive_threshold`, so do not hold a re-open.
+        stream = self.store.options.stream
         with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await self.store.js.delete_consumer(self.store.options.stream, consumer)
+            async with asyncio.timeout(CONSUMER_DELETE_TIMEOUT):
+                await self.store.js.delete_consumer(stream, consumer)
 
 
 async def _pause(inbox: asyncio.Queue[_Item], seconds: float) -> _Item | None:
@@ -957,7 +967,8 @@ async def _pause(inbox: asyncio.Queue[_Item], seconds: float) -> _Item | None:
     deadline = loop.time() + seconds
     while (left := deadline - loop.time()) > 0:
         try:
-            item = await asyncio.wait_for(inbox.get(), left)
+            async with asyncio.timeout(left):  # not `wait_for`; see entries()
+                item = await inbox.get()
         except TimeoutError:
             return None
         if isinstance(item, _Signal):

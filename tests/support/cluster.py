@@ -14,15 +14,20 @@ An edge node is one HAProxy plus one sidecar (a `SidecarStack`) whose server
 list starts with its own server and goes on with the others, so a fleet
 spreads over the cluster and each node has somewhere to fail over to.
 
+Each node of `edge_fleet` also writes its status record (instance id
+`edge-N`), as `momus-haproxy run` does, so that `fleet_status()` can read the
+fleet through `momus-haproxy status`.
+
 Fixtures: `nats_cluster`, a started three-server cluster; `edge_fleet`, a
 factory, `await edge_fleet(3)`, that starts that many edge nodes on it and
-returns once the bucket exists.
+returns once the bucket exists and every node is connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -33,14 +38,17 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from click.testing import CliRunner
 from nats.aio.client import Client
 from nats.js import api
 
+from momus_haproxy.cli import main
 from momus_haproxy.haproxy import HAProxyProcess
 from momus_haproxy.install import install
 from momus_haproxy.nats_server import EmbeddedNats
 from momus_haproxy.render import RenderSettings
-from momus_haproxy.sidecar import SidecarSettings, initial_files
+from momus_haproxy.sidecar import ApplyResult, SidecarSettings, initial_files
+from momus_haproxy.status import Heartbeat, StatusSettings, Tracker
 from momus_haproxy.watch import NatsOptions
 from tests.support.echo import free_port
 from tests.support.haproxy import HAProxyRunner
@@ -52,8 +60,10 @@ __all__ = [
     "NatsCluster",
     "connected_url",
     "edge_fleet",
+    "fleet_status",
     "nats_cluster",
     "put_through",
+    "report_status",
     "start_edge_node",
     "stream_info",
     "wait_connected",
@@ -68,6 +78,9 @@ FLEET_NATS: dict[str, Any] = {"replicas": 3, "randomize": False}
 Everything else is the product's default, so the failover the tests see is
 the one an operator gets.
 """
+
+STATUS_INTERVAL = 0.5
+"""Seconds between status records; three missed ones make a node `lost`."""
 
 EdgeFleet = Callable[..., Awaitable[list[SidecarStack]]]
 
@@ -283,6 +296,41 @@ async def start_edge_node(
     return stack
 
 
+def report_status(node: SidecarStack, instance_id: str) -> Heartbeat:
+    """Have `node` write its status record after each result, as `run` does.
+
+    Enter the returned heartbeat (`async with`) to start writing.
+    """
+    sidecar = node.sidecar
+    assert sidecar is not None, "start the sidecar first"
+    tracker = Tracker(sidecar)
+    settings = StatusSettings(
+        instance_id=instance_id, interval=STATUS_INTERVAL, ttl=60.0
+    )
+    heartbeat = Heartbeat(settings, node.nats, tracker)
+    collect = sidecar.on_result
+
+    def on_result(result: ApplyResult) -> None:
+        if collect is not None:
+            collect(result)
+        tracker.on_result(result)
+        heartbeat.wake()
+
+    sidecar.on_result = on_result
+    return heartbeat
+
+
+async def fleet_status(urls: list[str]) -> dict[str, Any] | None:
+    """Return what `momus-haproxy status --json` says, or None if it failed."""
+    args = ["status", f"--nats-url={','.join(urls)}", "--json"]
+    # In a thread: the command runs its own event loop.
+    result = await asyncio.to_thread(CliRunner().invoke, main, args)
+    if result.exit_code not in (0, 1):
+        return None
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
 async def wait_for_bucket(url: str, within: float = 30.0) -> api.StreamInfo:
     """Wait until the bucket's stream exists (a node created it) and return it."""
     deadline = time.monotonic() + within
@@ -311,6 +359,7 @@ async def edge_fleet(
 ) -> AsyncIterator[EdgeFleet]:
     """Return a factory that starts edge nodes, node i listing server i first."""
     nodes: list[SidecarStack] = []
+    heartbeats = contextlib.AsyncExitStack()
 
     async def start(count: int, **nats_options: Any) -> list[SidecarStack]:
         size = len(nats_cluster.servers)
@@ -320,6 +369,7 @@ async def edge_fleet(
             servers = nats_cluster.servers_from(index % size)
             base = tmp_path / f"edge-{index}"
             node = await start_edge_node(base, servers, haproxy_runner, **nats_options)
+            await heartbeats.enter_async_context(report_status(node, f"edge-{index}"))
             nodes.append(node)
             started.append(node)
         await wait_for_bucket(nats_cluster.urls[0])
@@ -327,7 +377,8 @@ async def edge_fleet(
             await wait_connected(node)
         return started
 
-    yield start
+    async with heartbeats:
+        yield start
 
-    for node in nodes:
-        await node.stop_sidecar()
+        for node in nodes:
+            await node.stop_sidecar()
