@@ -26,7 +26,7 @@ import click
 from . import __version__
 from .check import check
 from .document import Document, parse_document
-from .errors import DocumentError, MomusError, StoreError
+from .errors import DocumentError, MomusError
 from .install import install
 from .render import Rendered, RenderSettings, render
 from .runner import RunOptions, default_paths, run
@@ -558,7 +558,7 @@ def config_get(**options: Any) -> None:
 
 
 async def _get(nats: NatsOptions) -> Entry | None:
-    async with Store(nats) as store:
+    async with Store(nats, create=False) as store:
         return await store.get()
 
 
@@ -612,7 +612,7 @@ def render_command(
 def _stored_document(nats: NatsOptions) -> Document:
     entry = asyncio.run(_get(nats))
     if entry is None or entry.value is None:
-        raise StoreError(f"{nats.bucket}/{nats.key} holds no document")
+        raise MomusError(f"{nats.bucket}/{nats.key} holds no document")
     document = parse_document(entry.value)
     click.echo(f"# revision {entry.revision} of {nats.bucket}/{nats.key}", err=True)
     for warning in document.warnings:
@@ -654,7 +654,7 @@ def status_command(
 
 async def _watch_fleet(nats: NatsOptions, bucket: str, wait: float) -> Fleet:
     deadline = time.monotonic() + wait
-    async with Store(nats) as store:
+    async with Store(nats, create=False) as store:
         while True:
             fleet = await read_fleet(store, bucket)
             if fleet.converged or time.monotonic() >= deadline:

@@ -61,6 +61,7 @@ __all__ = [
     "ConflictError",
     "DocumentDiff",
     "EditError",
+    "FieldChange",
     "ItemChange",
     "Snapshot",
     "diff_documents",
@@ -200,6 +201,43 @@ def merge_documents(current: Raw, incoming: Raw) -> Raw:
 # ---- diffs ----------------------------------------------------------------
 
 
+VALUE_WIDTH: Final = 60
+"""Characters of a field's value shown in a diff line before it is cut short."""
+
+
+def shown_value(value: Any) -> str:
+    """Write a field's value as compact JSON on one line, cut short when long.
+
+    None stands for a field that is not set (or set to its default).
+    """
+    if value is None:
+        return "(unset)"
+    text = json.dumps(value)
+    if len(text) <= VALUE_WIDTH:
+        return text
+    return f"{text[: VALUE_WIDTH - 3]}..."
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """One field of a changed route or cluster: its path, old and new value.
+
+    Values are in their validated JSON form; None where the field is not set
+    on that side (or is set to its default).
+    """
+
+    path: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.path}: {shown_value(self.old)} -> {shown_value(self.new)}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The field change as a JSON object, with whole values."""
+        return {"path": self.path, "old": self.old, "new": self.new}
+
+
 @dataclass(frozen=True)
 class ItemChange:
     """One route or cluster added, removed or changed (with the fields that did)."""
@@ -207,16 +245,26 @@ class ItemChange:
     kind: Literal["added", "removed", "changed"]
     section: Section
     id: str
-    fields: tuple[str, ...] = ()
+    fields: tuple[FieldChange, ...] = ()
 
     @property
     def sign(self) -> str:
         """`+`, `-` or `~`."""
         return {"added": "+", "removed": "-", "changed": "~"}[self.kind]
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The paths of the changed fields."""
+        return tuple(field.path for field in self.fields)
+
     def __str__(self) -> str:
-        fields = f": {', '.join(self.fields)}" if self.fields else ""
+        fields = f": {', '.join(self.paths)}" if self.fields else ""
         return f"{self.sign} {self.section} {self.id}{fields}"
+
+    def lines(self) -> list[str]:
+        """The change, then one indented line per field with its old and new value."""
+        head = f"{self.sign} {self.section} {self.id}"
+        return [head, *(f"    {field}" for field in self.fields)]
 
     def as_json(self) -> dict[str, Any]:
         """The change as a JSON object."""
@@ -224,7 +272,7 @@ class ItemChange:
             "change": self.kind,
             "type": self.section,
             "id": self.id,
-            "fields": list(self.fields),
+            "fields": [field.as_json() for field in self.fields],
         }
 
 
@@ -240,10 +288,10 @@ class DocumentDiff:
         return not self.changes
 
     def lines(self) -> list[str]:
-        """One line per change, or one saying there is none."""
+        """Each change with its changed fields' values, or one line saying none."""
         if self.empty:
             return ["no route or cluster changes"]
-        return [str(change) for change in self.changes]
+        return [line for change in self.changes for line in change.lines()]
 
     def as_json(self) -> list[dict[str, Any]]:
         """The changes as a JSON array."""
@@ -266,19 +314,20 @@ def canonical(item: Any, section: Section) -> Any:
     return data
 
 
-def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """List the dotted paths at which two JSON values differ."""
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[FieldChange]:
+    """List the fields, by dotted path, at which two JSON values differ.
+
+    Objects are compared key by key; any other value (a list, a string) is
+    one field. A key missing on one side has the value None there.
+    """
     if old == new:
         return []
     if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [prefix or "(whole)"]
-    fields: list[str] = []
+        return [FieldChange(prefix or "(whole)", old, new)]
+    fields: list[FieldChange] = []
     for key in sorted({*old, *new}, key=str):
         path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in old or key not in new:
-            fields.append(path)
-        else:
-            fields += _changed_fields(old[key], new[key], path)
+        fields += _changed_fields(old.get(key), new.get(key), path)
     return fields
 
 
@@ -667,9 +716,15 @@ def _run(work: Any) -> Any:
         fail(exc)
 
 
-async def _with_store(nats: NatsOptions, action: Callable[[Store], Any]) -> Any:
-    """Open the store, run `action` with it and close it."""
-    async with Store(nats) as store:
+async def _with_store(
+    nats: NatsOptions, action: Callable[[Store], Any], *, create: bool
+) -> Any:
+    """Open the store, run `action` with it and close it.
+
+    Commands that only read pass `create=False`: a missing bucket is then an
+    error naming it, rather than a new empty bucket left on the server.
+    """
+    async with Store(nats, create=create) as store:
         return await action(store)
 
 
@@ -707,7 +762,7 @@ async def _stored_raw(store: Store) -> Raw:
 def history_command(as_json: bool, **options: Any) -> None:
     """List the revisions of the document the bucket keeps, oldest first."""
     nats = build_nats_options(options)
-    entries = _run(_with_store(nats, lambda store: store.history()))
+    entries = _run(_with_store(nats, lambda store: store.history(), create=False))
     rows = []
     for entry in entries:
         value = entry.value
@@ -772,7 +827,7 @@ def diff_command(old: str, new: str, as_json: bool, **options: Any) -> None:
     async def both() -> tuple[bytes, bytes]:
         if not (_is_revision(old) or _is_revision(new)):
             return read_input(old), read_input(new)
-        async with Store(nats) as store:
+        async with Store(nats, create=False) as store:
             return await _load_side(store, old), await _load_side(store, new)
 
     before, after = _run(both())
@@ -807,7 +862,7 @@ def rollback_command(revision: int, **options: Any) -> None:
         old = load_raw(entry.value)
         return await update_document(store, lambda _: old, merge=False)
 
-    update = _run(_with_store(nats, roll))
+    update = _run(_with_store(nats, roll, create=True))
     _report(update, nats)
 
 
@@ -833,7 +888,7 @@ def export_command(output: str, revision: int | None, **options: Any) -> None:
             raise EditError(f"{store.options.where} holds no document")
         return current.value
 
-    value = _run(_with_store(nats, read))
+    value = _run(_with_store(nats, read, create=False))
     if output == "-":
         sys.stdout.buffer.write(value)
         sys.stdout.flush()
@@ -868,7 +923,7 @@ def import_command(file: str, strategy: str, yes: bool, **options: Any) -> None:
     def change(raw: Raw) -> Raw:
         return merge_documents(raw, incoming) if strategy == "merge" else incoming
 
-    start: Snapshot = _run(_with_store(nats, snapshot))
+    start: Snapshot = _run(_with_store(nats, snapshot, create=True))
     try:
         base = start.raw if strategy == "merge" else start.raw_or_empty()
         result = change(copy.deepcopy(base))
@@ -889,7 +944,7 @@ def import_command(file: str, strategy: str, yes: bool, **options: Any) -> None:
             store, change, merge=strategy == "merge", start=start, expect=preview
         )
 
-    update = _run(_with_store(nats, put))
+    update = _run(_with_store(nats, put, create=True))
     where = f"{nats.bucket}/{nats.key}"
     click.echo(f"put revision {update.revision} under {where}", err=True)
 
@@ -915,7 +970,7 @@ def plan_command(file: str, as_json: bool, **options: Any) -> None:
         settings = render_settings(**options)
     except MomusError as exc:
         fail(exc)
-    current: Snapshot = _run(_with_store(nats, snapshot))
+    current: Snapshot = _run(_with_store(nats, snapshot, create=False))
     try:
         plan = plan_changes(current.raw_or_empty(), new, settings)
     except MomusError as exc:
@@ -927,7 +982,7 @@ def plan_command(file: str, as_json: bool, **options: Any) -> None:
         click.echo(f"warning: {warning}", err=True)
     rows = [
         (step.change.sign, step.change.section, step.change.id,
-         ", ".join(step.change.fields), step.mode)
+         ", ".join(step.change.paths), step.mode)
         for step in plan.steps
     ]  # fmt: skip
     if rows:
@@ -959,7 +1014,7 @@ def schema_command(output: str) -> None:
 
 def _list_command(section: Section, as_json: bool, nats: NatsOptions) -> None:
     """Print the routes or clusters of the stored document."""
-    raw = _run(_with_store(nats, _stored_raw))
+    raw = _run(_with_store(nats, _stored_raw, create=False))
     items = section_items(raw, section)
     if as_json:
         _echo_json(items)
@@ -1007,7 +1062,7 @@ def _edit(nats: NatsOptions, change: Callable[[Raw], Raw]) -> None:
     async def run(store: Store) -> Update:
         return await update_document(store, change)
 
-    _report(_run(_with_store(nats, run)), nats)
+    _report(_run(_with_store(nats, run, create=True)), nats)
 
 
 def _add(section: Section, item: Raw, replace: bool) -> Callable[[Raw], Raw]:

@@ -11,16 +11,19 @@ document::
 and purge of that key. It survives what a long-running sidecar meets: NATS
 restarts (the watch is re-opened as soon as the client reconnects, rather than
 after the consumer's missed heartbeats), a bucket deleted under it (the bucket
-is created again, as at start-up), and long idle periods (idle heartbeats and a
-periodic check of the stream and consumer). It never yields a revision it has
-already passed, unless the bucket itself was re-created, in which case
-revisions start again and the current value is yielded again.
+is created again, as at start-up, unless the store may not create it), and
+long idle periods (idle heartbeats and a periodic check of the stream and
+consumer). It never yields a revision it has already passed, unless the
+bucket itself was re-created, in which case revisions start again and the
+current value is yielded again.
 
 Opening the store either fails fast (`wait=False`, the default: `open()` gives up
 with a StoreError after `connect_timeout` seconds) or waits for NATS for as long
 as it takes (`wait=True`, what the sidecar uses so that it can start while NATS
 is down, keep its last good configuration, and catch up once NATS answers).
 After the first connection the client reconnects forever in both modes.
+Commands that only read open it with `create=False`, so that reading never
+leaves a bucket behind on a server.
 """
 
 from __future__ import annotations
@@ -526,12 +529,16 @@ class Store:
     `options.connect_timeout` seconds; with `wait=True` it waits for NATS (and
     for the bucket to be usable) as long as it takes. The bucket is created
     with `options.history` and `options.replicas` when missing; it is never
-    deleted.
+    deleted. With `create=False` (what read-only commands use) a missing
+    bucket is a StoreError naming it instead, and nothing is created.
     """
 
-    def __init__(self, options: NatsOptions, *, wait: bool = False) -> None:
+    def __init__(
+        self, options: NatsOptions, *, wait: bool = False, create: bool = True
+    ) -> None:
         self.options = options
         self.wait = wait
+        self.create = create
         self._client: Client | None = None
         self._js: JetStreamContext | None = None
         self._inboxes: set[asyncio.Queue[_Item]] = set()
@@ -567,7 +574,7 @@ class Store:
         return self._js
 
     async def open(self) -> None:
-        """Connect to NATS and make sure the bucket exists; once is enough."""
+        """Connect to NATS and find (or create) the bucket; once is enough."""
         if self._client is not None:
             return
 
@@ -622,7 +629,7 @@ class Store:
         delay, last = RECONNECT_WAIT_MIN, ""
         while True:
             try:
-                await self._ensure_bucket()
+                await self._usable_bucket()
                 return
             except StoreError as exc:
                 if not self.wait:
@@ -633,13 +640,18 @@ class Store:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.options.reconnect_wait_max)
 
-    async def _ensure_bucket(self) -> KeyValue:
-        """Return the bucket, creating it when it does not exist."""
+    async def _usable_bucket(self) -> KeyValue:
+        """Return the bucket; create it when missing, if this store may."""
         options = self.options
         try:
             return await self.js.key_value(options.bucket)
-        except nats.js.errors.BucketNotFoundError:
-            pass
+        except nats.js.errors.BucketNotFoundError as exc:
+            if not self.create:
+                raise StoreError(
+                    f"bucket {options.bucket!r} does not exist on NATS at "
+                    f"{options.shown_servers()}; put a document first, or check "
+                    "the bucket name and the server URL"
+                ) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise _store_error(f"cannot open bucket {options.bucket!r}", exc) from exc
 
@@ -846,7 +858,7 @@ class Store:
     ) -> _Watcher:
         """Open one generation of the watch: an ordered consumer on the key."""
         options = self.options
-        await self._ensure_bucket()
+        await self._usable_bucket()
         info = await self.js.stream_info(options.stream)
         cursor.rebase(info.created, info.state.last_seq, options.where)
         self._generation += 1

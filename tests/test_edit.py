@@ -26,6 +26,7 @@ from momus_haproxy.render import RenderSettings
 from momus_haproxy.watch import NatsOptions, Store
 from tests.support.cases import CASES, SERVED_CASES
 from tests.support.fleet import cli, spawn
+from tests.support.nats import open_operator
 
 DOCUMENTS = [CASES / name / "route-config.json" for name in SERVED_CASES]
 REJECTED = json.loads((CASES / "rejected-documents" / "expect.json").read_text())
@@ -48,7 +49,7 @@ class TestDiff:
     """Documents are compared route by route and cluster by cluster."""
 
     def test_added_removed_changed(self) -> None:
-        """Each change names its id and, when changed, the fields that differ."""
+        """Each change names its id; a changed one, each field's old and new value."""
         new = {
             "Routes": [_route("site", host="b.example.test"), _route("api")],
             "Clusters": [_cluster("web", 9002)],
@@ -56,11 +57,57 @@ class TestDiff:
         old = {**BASE, "Clusters": [*BASE["Clusters"], _cluster("old")]}
         lines = diff_documents(old, new).lines()
         assert lines == [
-            "~ route site: Match.Hosts",
+            "~ route site",
+            '    Match.Hosts: ["a.example.test"] -> ["b.example.test"]',
             "+ route api",
-            "~ cluster web: Destinations.d1.Address",
+            "~ cluster web",
+            '    Destinations.d1.Address: "http://127.0.0.1:9001" -> '
+            '"http://127.0.0.1:9002"',
             "- cluster old",
         ]
+
+    def test_fields_set_and_unset(self) -> None:
+        """A field set on one side only shows `(unset)` on the other, JSON null."""
+        old = {**BASE, "Routes": [{**_route("site"), "Order": 5}]}
+        new = {
+            **BASE,
+            "Routes": [{**_route("site"), "Metadata": {"RedirectWww": "true"}}],
+        }
+        diff = diff_documents(old, new)
+        assert diff.lines() == [
+            "~ route site",
+            '    Metadata: (unset) -> {"RedirectWww": "true"}',
+            "    Order: 5 -> (unset)",
+        ]
+        assert diff.as_json() == [
+            {
+                "change": "changed",
+                "type": "route",
+                "id": "site",
+                "fields": [
+                    {"path": "Metadata", "old": None, "new": {"RedirectWww": "true"}},
+                    {"path": "Order", "old": 5, "new": None},
+                ],
+            }
+        ]
+
+    def test_long_values_are_cut_on_one_line(self) -> None:
+        """A long or multi-line value is one line of at most 60 characters a side."""
+        hosts = [f"h{n}.example.test" for n in range(40)]
+        header = {"Name": "X-Note", "Values": ["line one\nline two " + "x" * 60]}
+        old = {**BASE, "Routes": [_route("site")]}
+        route = _route("site")
+        route["Match"] = {"Hosts": hosts, "Headers": [header]}
+        lines = diff_documents(old, {**BASE, "Routes": [route]}).lines()
+        assert lines[0] == "~ route site"
+        assert lines[1].startswith("    Match.Headers: (unset) -> [{")
+        assert lines[2].startswith('    Match.Hosts: ["a.example.test"] -> ["h0.')
+        for line in lines[1:]:
+            assert "\n" not in line
+            assert len(line.split(" -> ")[1]) == 60
+            assert line.endswith("...")
+        as_json = diff_documents(old, {**BASE, "Routes": [route]}).as_json()
+        assert as_json[0]["fields"][1]["new"] == hosts
 
     def test_key_and_host_case_are_not_changes(self) -> None:
         """Keys in another letter case and upper-case hosts mean the same route."""
@@ -394,3 +441,107 @@ class TestCommands:
         assert (await cli("routes", "remove", "api", url)).exit_code == 0
         assert (await cli("clusters", "remove", "api", url)).exit_code == 0
         assert json.loads((await cli("clusters", "list", "--json", url)).stdout) == []
+
+    async def test_diff_shows_old_and_new_values(
+        self, nats_server: EmbeddedNats, tmp_path: Path
+    ) -> None:
+        """`config diff` of two revisions prints each changed field's two values."""
+        url = f"--nats-url={nats_server.url}"
+        first, second = tmp_path / "first.json", tmp_path / "second.json"
+        first.write_bytes(dump_raw(BASE))
+        second.write_bytes(dump_raw({**BASE, "Clusters": [_cluster("web", 9002)]}))
+        for path in (first, second):
+            assert (await cli("config", "put", str(path), url)).exit_code == 0
+
+        table = await cli("config", "diff", "1", "2", url)
+        assert table.exit_code == 0, table.output
+        assert table.stdout.splitlines() == [
+            "~ cluster web",
+            '    Destinations.d1.Address: "http://127.0.0.1:9001" -> '
+            '"http://127.0.0.1:9002"',
+        ]
+        as_json = await cli("config", "diff", "1", "2", "--json", url)
+        assert json.loads(as_json.stdout)[0]["fields"] == [
+            {
+                "path": "Destinations.d1.Address",
+                "old": "http://127.0.0.1:9001",
+                "new": "http://127.0.0.1:9002",
+            }
+        ]
+
+
+async def _streams(url: str) -> list[str]:
+    """Return the names of the streams on the server at `url`."""
+    async with open_operator(url) as operator:
+        return sorted(
+            info.config.name or "" for info in await operator.js.streams_info()
+        )
+
+
+READ_ONLY = {
+    "config get": ["config", "get"],
+    "config history": ["config", "history"],
+    "config diff": ["config", "diff", "1", "2"],
+    "config export": ["config", "export"],
+    "config export --revision": ["config", "export", "--revision", "1"],
+    "routes list": ["routes", "list", "--json"],
+    "clusters list": ["clusters", "list"],
+    "status": ["status", "--json"],
+    "plan": ["plan", "{file}", "--stats-bind="],
+    "render --dry-run": ["render", "--dry-run", "--stats-bind="],
+}
+
+
+class TestReadOnly:
+    """Commands that only read never create a bucket."""
+
+    @pytest.mark.parametrize("args", READ_ONLY.values(), ids=READ_ONLY.keys())
+    async def test_missing_bucket_is_one_line_and_creates_nothing(
+        self, nats_server: EmbeddedNats, tmp_path: Path, args: list[str]
+    ) -> None:
+        """On a fresh server the command fails in one line naming bucket and server."""
+        document = tmp_path / "route-config.json"
+        document.write_bytes(dump_raw(BASE))
+        args = [arg.replace("{file}", str(document)) for arg in args]
+        result = await cli(*args, f"--nats-url={nats_server.url}")
+        assert result.exit_code == 6, result.output
+        assert result.stderr == (
+            f"error: bucket 'momus' does not exist on NATS at {nats_server.url}; "
+            "put a document first, or check the bucket name and the server URL\n"
+        )
+        assert result.stdout == ""
+        assert await _streams(nats_server.url) == []
+
+    async def test_other_bucket_and_status_bucket(
+        self, nats_server: EmbeddedNats
+    ) -> None:
+        """A wrong --bucket is named, an empty key exits 1, status lists no one."""
+        url = f"--nats-url={nats_server.url}"
+        put = await cli("config", "put", "-", url, input=json.dumps(BASE))
+        assert put.exit_code == 0, put.output
+
+        other = await cli("config", "get", "--bucket", "momsu", url)
+        assert other.exit_code == 6
+        assert "bucket 'momsu' does not exist" in other.stderr
+        empty = await cli("render", "--dry-run", "--key", "other", url)
+        assert empty.exit_code == 1
+        assert empty.stderr == "error: momus/other holds no document\n"
+        status = await cli("status", url)
+        assert status.exit_code == 1
+        assert "no live instance follows 'route-config'" in status.stdout
+        assert await _streams(nats_server.url) == ["KV_momus"]
+
+    async def test_writing_commands_create_the_bucket(
+        self, nats_server: EmbeddedNats
+    ) -> None:
+        """`clusters add` on a fresh server creates the bucket and writes."""
+        result = await cli(
+            "clusters",
+            "add",
+            "web",
+            "--destination",
+            "http://127.0.0.1:9001",
+            f"--nats-url={nats_server.url}",
+        )
+        assert result.exit_code == 0, result.output
+        assert await _streams(nats_server.url) == ["KV_momus"]

@@ -225,6 +225,23 @@ class TestStore:
         assert info.config.max_msgs_per_subject == 5
         assert info.config.num_replicas == 1
 
+    async def test_open_without_create_refuses_a_missing_bucket(
+        self, nats_server: EmbeddedNats, operator_kv: OperatorFactory
+    ) -> None:
+        """With create=False, open() names the missing bucket and creates none."""
+        store = Store(fast_options(nats_server.url), create=False)
+        with pytest.raises(StoreError, match="bucket 'momus' does not exist on NATS"):
+            await store.open()
+        assert not store.connected
+
+        async with operator_kv(nats_server.url) as operator:
+            assert await operator.js.streams_info() == []
+            await operator.put(b"value")
+        async with Store(fast_options(nats_server.url), create=False) as store:
+            entry = await store.get()
+        assert entry is not None
+        assert entry.value == b"value"
+
     async def test_open_keeps_an_existing_bucket(
         self, nats_server: EmbeddedNats, operator_kv: OperatorFactory
     ) -> None:
