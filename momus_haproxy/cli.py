@@ -637,7 +637,8 @@ def status_command(
     """Show which revision each instance serves, and why some do not.
 
     Exits 0 when every live instance serves the latest revision of the key,
-    1 when one does not (or none reports), 6 when NATS cannot be read.
+    1 when one does not (or none reports), 6 when NATS cannot be read or the
+    bucket does not exist.
     """
     nats = build_nats_options(options)
     try:
