@@ -6,6 +6,10 @@ in the configuration (map files, error files) resolve against that directory,
 and reads the verdict from the exit status alone. The text HAProxy prints is
 kept: on success it holds the warnings, on failure its `[ALERT]` lines become
 the error message.
+
+A check that gives no verdict (the binary missing, the process killed, the
+time bound reached) raises `CheckUnavailableError`, which the sidecar retries;
+a configuration HAProxy refused raises `CheckError`, which it does not.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import subprocess
 from pathlib import Path
 
-from momus_haproxy.errors import CheckError
+from momus_haproxy.errors import CheckError, CheckUnavailableError
 
 __all__ = [
     "CHECK_TIMEOUT",
@@ -55,15 +60,22 @@ async def check(
     path. Only the exit status decides: zero passes, whatever was printed.
 
     Raises:
+        CheckUnavailableError: HAProxy could not be run, was killed, or did
+            not finish within `timeout` seconds.
         CheckError: HAProxy refused the configuration (the message quotes its
-            `[ALERT]` lines and `output` holds everything it printed), did not
-            finish within `timeout` seconds, or could not be run at all.
+            `[ALERT]` lines and `output` holds everything it printed).
     """
     config = config_dir / config_name
     if not config.is_file():
         raise CheckError(f"there is no configuration to check at {str(config)!r}.")
 
     output, status = await _run_check(haproxy_bin, config_dir, config_name, timeout)
+    if _no_verdict(status, output):
+        raise CheckUnavailableError(
+            f"haproxy -c gave no verdict on {str(config)!r}: {_ended(status)} "
+            "before it printed an alert.",
+            output,
+        )
     if status != 0:
         summary = "; ".join(alert_lines(output)) or _last_lines(output)
         raise CheckError(
@@ -94,7 +106,7 @@ async def _run_check(
             stderr=subprocess.STDOUT,
         )
     except (FileNotFoundError, PermissionError) as exc:
-        raise CheckError(missing_binary_message(haproxy_bin)) from exc
+        raise CheckUnavailableError(missing_binary_message(haproxy_bin)) from exc
 
     # Not `wait_for`: on 3.11 it loses a cancellation that arrives as the
     # check ends, and a cancelled apply would go on to install and reload.
@@ -111,10 +123,32 @@ async def _run_check(
             f"haproxy -c on {str(config_dir / config_name)!r} did not finish "
             f"within {timeout:g} s; the check was stopped."
         )
-        raise CheckError(message) from None
+        raise CheckUnavailableError(message) from None
 
     assert process.returncode is not None  # communicate() waited for the exit
     return raw.decode(errors="replace"), process.returncode
+
+
+def _no_verdict(status: int, output: str) -> bool:
+    """Whether `haproxy -c` ended without judging the configuration.
+
+    Killed by a signal, HAProxy exits with a negative status; a shell in front
+    of it reports 126 to 128 and above when it could not run it or saw it
+    killed. HAProxy itself refuses with status 1 or 2 and an `[ALERT]`.
+    """
+    if status < 0:
+        return True
+    return status >= 126 and "[ALERT]" not in output
+
+
+def _ended(status: int) -> str:
+    """Say how a check without a verdict ended, from its exit status."""
+    if status < 0:
+        try:
+            return f"it was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"it was killed by signal {-status}"
+    return f"it exited with status {status}"
 
 
 def alert_lines(output: str) -> list[str]:

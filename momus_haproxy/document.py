@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import DocumentError, Issue
+from .errors import QUOTE_LIMIT, DocumentError, Issue, quoted
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -66,11 +66,17 @@ _TIMESPAN_RE = re.compile(
 
 
 def format_location(loc: tuple[int | str, ...]) -> str:
-    """Render a pydantic error location as `Routes[0].Match.Hosts[1]`."""
+    """Render a pydantic error location as `Routes[0].Match.Hosts[1]`.
+
+    A key longer than `QUOTE_LIMIT` (a hostile destination or metadata name)
+    shows its start and its length, so that the path stays short.
+    """
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
+        elif len(part) > QUOTE_LIMIT:
+            text += f"[{json.dumps(part[:QUOTE_LIMIT])}... ({len(part)} characters)]"
         elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
             text += f".{part}" if text else part
         else:
@@ -82,19 +88,19 @@ def parse_timespan(value: str) -> int:
     """Return a .NET TimeSpan text such as `00:00:15` or `1.00:00:00` in ms."""
     match = _TIMESPAN_RE.match(value.strip())
     if match is None:
-        raise ValueError(f"{value!r} is not a time span such as '00:00:30'")
+        raise ValueError(f"{quoted(value)} is not a time span such as '00:00:30'")
     days, hours, minutes, seconds, fraction = match.groups()
     total = int(days or 0) * 86400 + int(hours) * 3600
     total += int(minutes) * 60 + int(seconds)
     millis = total * 1000 + int((fraction or "0").ljust(7, "0")[:3])
     if millis <= 0:
-        raise ValueError(f"{value!r} must be longer than zero")
+        raise ValueError(f"{quoted(value)} must be longer than zero")
     return millis
 
 
 def _check_text(value: str) -> str:
     if _CONTROL_RE.search(value):
-        raise ValueError(f"{value!r} contains a control character")
+        raise ValueError(f"{quoted(value)} contains a control character")
     if len(value) > MAX_VALUE_LENGTH:
         raise ValueError(f"is longer than {MAX_VALUE_LENGTH} characters")
     return value
@@ -103,33 +109,36 @@ def _check_text(value: str) -> str:
 def _check_host(value: str) -> str:
     host = value.strip().lower()
     if ":" in host:
-        raise ValueError(f"{value!r}: a port in a host match is not supported")
+        raise ValueError(f"{quoted(value)}: a port in a host match is not supported")
     try:
         host = host.encode("idna").decode("ascii") if not host.isascii() else host
     except UnicodeError as exc:
-        raise ValueError(f"{value!r} is not a valid host name") from exc
+        raise ValueError(f"{quoted(value)} is not a valid host name") from exc
     if len(host) > 253 or not _HOST_RE.match(host):
         raise ValueError(
-            f"{value!r} is not a host name or a '*.' wildcard such as '*.example.com'"
+            f"{quoted(value)} is not a host name or a '*.' wildcard such as "
+            "'*.example.com'"
         )
     return host
 
 
 def _check_token(value: str) -> str:
     if not _TOKEN_RE.match(value):
-        raise ValueError(f"{value!r} may hold only letters, digits, '-', '_' and '.'")
+        raise ValueError(
+            f"{quoted(value)} may hold only letters, digits, '-', '_' and '.'"
+        )
     return value
 
 
 def _check_method(value: str) -> str:
     if not _METHOD_RE.match(value) or len(value) > 32:
-        raise ValueError(f"{value!r} is not an HTTP method such as 'GET'")
+        raise ValueError(f"{quoted(value)} is not an HTTP method such as 'GET'")
     return value.upper()
 
 
 def _check_timespan(value: object) -> int:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} must be a time span text such as '00:00:30'")
+        raise ValueError(f"{quoted(value)} must be a time span text such as '00:00:30'")
     return parse_timespan(value)
 
 
@@ -137,7 +146,7 @@ def _check_timer(value: object) -> int:
     millis = _check_timespan(value)
     if millis > MAX_TIMER_MS:
         raise ValueError(
-            f"{value!r} is longer than HAProxy's longest timer, '24.20:31:23.647'"
+            f"{quoted(value)} is longer than HAProxy's longest timer, '24.20:31:23.647'"
         )
     return millis
 
@@ -155,7 +164,7 @@ def _check_flag(value: object) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ValueError(f"{value!r} must be 'true' or 'false'")
+    raise ValueError(f"{quoted(value)} must be 'true' or 'false'")
 
 
 Text = Annotated[str, AfterValidator(_check_text)]
@@ -192,7 +201,7 @@ class _Model(BaseModel):
         for key, value in data.items():
             name = names.get(str(key).lower(), str(key))
             if name in result:
-                raise ValueError(f"key {key!r} is given twice in different case")
+                raise ValueError(f"key {quoted(key)} is given twice in different case")
             result[name] = value
         return result
 
@@ -216,10 +225,12 @@ class PathTemplate(BaseModel):
 
 def _parse_path(value: object) -> PathTemplate:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} must be a path text such as '/api/{{**rest}}'")
+        raise ValueError(
+            f"{quoted(value)} must be a path text such as '/api/{{**rest}}'"
+        )
     if not _PATH_CHARS_RE.match(value) or _PERCENT_RE.search(value):
         raise ValueError(
-            f"{value!r} may hold only URL path characters (no spaces, quotes, "
+            f"{quoted(value)} may hold only URL path characters (no spaces, quotes, "
             "'#', '?' or '\\', and '%' only as %XX)"
         )
     if len(value) > MAX_VALUE_LENGTH:
@@ -233,12 +244,14 @@ def _parse_path(value: object) -> PathTemplate:
         param = _SEGMENT_PARAM_RE.match(segment)
         if param is None and ("{" in segment or "}" in segment):
             raise ValueError(
-                f"segment {segment!r}: only whole-segment '{{name}}' and "
+                f"segment {quoted(segment)}: only whole-segment '{{name}}' and "
                 "'{**name}' parameters are supported"
             )
         if param is not None and param.group(1):
             if index != len(segments) - 1:
-                raise ValueError(f"catch-all {segment!r} must be the last segment")
+                raise ValueError(
+                    f"catch-all {quoted(segment)} must be the last segment"
+                )
             rank.append(2)
             break
         rank.append(1 if param else 0)
@@ -275,7 +288,9 @@ class HeaderMatch(_Model):
     def _values_fit_mode(self) -> HeaderMatch:
         needs_values = self.Mode not in ("Exists", "NotExists")
         if needs_values and not self.Values:
-            raise ValueError(f"mode {self.Mode!r} needs at least one value in Values")
+            raise ValueError(
+                f"mode {quoted(self.Mode)} needs at least one value in Values"
+            )
         return self
 
 
@@ -290,7 +305,9 @@ class QueryMatch(_Model):
     @model_validator(mode="after")
     def _values_fit_mode(self) -> QueryMatch:
         if self.Mode != "Exists" and not self.Values:
-            raise ValueError(f"mode {self.Mode!r} needs at least one value in Values")
+            raise ValueError(
+                f"mode {quoted(self.Mode)} needs at least one value in Values"
+            )
         return self
 
 
@@ -340,7 +357,7 @@ def _check_address(value: str) -> str:
 def _check_health(value: str) -> str:
     if _split_address(value).path not in ("", "/"):
         raise ValueError(
-            f"{value!r}: a path in the health address is not supported; "
+            f"{quoted(value)}: a path in the health address is not supported; "
             "use HealthCheck.Active.Path"
         )
     return value
@@ -383,30 +400,34 @@ class DestinationAddress:
 
 def _check_authority(value: str) -> str:
     if not _AUTHORITY_RE.match(value.lower()):
-        raise ValueError(f"{value!r} is not a host name with an optional :port")
+        raise ValueError(f"{quoted(value)} is not a host name with an optional :port")
     return value.lower()
 
 
 def _split_address(value: str) -> DestinationAddress:
     if _CONTROL_RE.search(value) or " " in value or "\\" in value:
-        raise ValueError(f"{value!r} must be one URL without spaces")
+        raise ValueError(f"{quoted(value)} must be one URL without spaces")
     parts = urlsplit(value.strip())
     if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError(f"{value!r} must be an http:// or https:// URL")
+        raise ValueError(f"{quoted(value)} must be an http:// or https:// URL")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"{value!r} must not carry user info, a query or a fragment")
+        raise ValueError(
+            f"{quoted(value)} must not carry user info, a query or a fragment"
+        )
     try:
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"{value!r} has a port outside 1-65535") from exc
+        raise ValueError(f"{quoted(value)} has a port outside 1-65535") from exc
     host = (parts.hostname or "").lower()
     authority = parts.netloc.lower()
     if not _AUTHORITY_RE.match(authority) or port == 0:
         raise ValueError(
-            f"{value!r} needs a host name or IPv4 address and a port in 1-65535"
+            f"{quoted(value)} needs a host name or IPv4 address and a port in 1-65535"
         )
     if parts.path not in ("", "/"):
-        raise ValueError(f"{value!r}: a path in a destination address is not supported")
+        raise ValueError(
+            f"{quoted(value)}: a path in a destination address is not supported"
+        )
     scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
     default = 443 if scheme == "https" else 80
     return DestinationAddress(scheme, host, port or default, authority, parts.path)
@@ -426,7 +447,7 @@ class ActiveHealthCheck(_Model):
 def _check_probe_path(value: str) -> str:
     template = _parse_path(value)
     if template.kind != "exact":
-        raise ValueError(f"{value!r} must be a literal path such as '/health'")
+        raise ValueError(f"{quoted(value)} must be a literal path such as '/health'")
     return template.template
 
 
@@ -463,7 +484,7 @@ def _check_domain(value: str) -> str:
     host = _check_host(value)
     if host.startswith("*."):
         raise ValueError(
-            f"{value!r}: a cookie domain is a host name such as 'example.com', "
+            f"{quoted(value)}: a cookie domain is a host name such as 'example.com', "
             "not a wildcard"
         )
     return host
@@ -591,7 +612,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"key {key!r} appears twice in one object")
+            raise ValueError(f"key {quoted(key)} appears twice in one object")
         result[key] = value
     return result
 
@@ -606,7 +627,7 @@ def _issues_from(exc: ValidationError) -> list[Issue]:
         elif error["type"] == "extra_forbidden":
             message = "is not a field momus-haproxy knows; remove it or fix its name"
         elif error["type"] == "literal_error":
-            message = f"{error['input']!r} is not one of: {_expected(error)}"
+            message = f"{quoted(error['input'])} is not one of: {_expected(error)}"
         issues.append(Issue(path, message))
     return issues
 
@@ -640,7 +661,7 @@ def _reference_issues(value: dict[str, Any]) -> list[Issue]:
         cluster_id = _field(route, "ClusterId")
         if isinstance(cluster_id, str) and cluster_id not in cluster_ids:
             issues.append(
-                Issue(f"Routes[{index}].ClusterId", f"no cluster {cluster_id!r}")
+                Issue(f"Routes[{index}].ClusterId", f"no cluster {quoted(cluster_id)}")
             )
     return issues
 
@@ -678,7 +699,9 @@ def _unique(items: list[Any], key: str, where: str, issues: list[Issue]) -> set[
         if not isinstance(value, str):
             continue
         if value in seen:
-            issues.append(Issue(f"{where}[{index}].{key}", f"{value!r} is used twice"))
+            issues.append(
+                Issue(f"{where}[{index}].{key}", f"{quoted(value)} is used twice")
+            )
         seen.add(value)
     return seen
 
@@ -702,10 +725,15 @@ def _unknown_metadata(
 ) -> list[Issue]:
     known = known | CLUSTER_METADATA
     return [
-        Issue(f"{where}.Metadata.{name}", "is not used by momus-haproxy")
+        Issue(f"{where}.Metadata{_step(name)}", "is not used by momus-haproxy")
         for name in sorted(metadata)
         if name not in known
     ]
+
+
+def _step(key: str) -> str:
+    """A metadata name as a step of its path: `.Name`, or cut short if long."""
+    return f".{key}" if len(key) <= QUOTE_LIMIT else format_location((key,))
 
 
 def route_flag(route: Route, name: str) -> bool | None:
@@ -729,8 +757,8 @@ def _cluster_problems(cluster: Cluster, where: str) -> list[Issue]:
             issues.append(
                 Issue(
                     f"{path}.Address",
-                    f"{server!r} is also the address of destination "
-                    f"{servers[server]!r}; give each destination its own address",
+                    f"{quoted(server)} is also the address of destination "
+                    f"{quoted(servers[server])}; give each destination its own address",
                 )
             )
         servers[server] = name
@@ -739,7 +767,7 @@ def _cluster_problems(cluster: Cluster, where: str) -> list[Issue]:
         issues.append(
             Issue(
                 f"{where}.Metadata.ConsecutiveFailuresHealthPolicy.Threshold",
-                f"{threshold!r} must be a whole number from 1 to 999999999",
+                f"{quoted(threshold)} must be a whole number from 1 to 999999999",
             )
         )
     return issues

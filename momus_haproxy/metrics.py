@@ -43,6 +43,7 @@ RESULTS = (
     "runtime",
     "refused",
     "check_failed",
+    "check_unavailable",
     "install_failed",
     "reload_failed",
     "kept",

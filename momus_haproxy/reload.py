@@ -288,9 +288,16 @@ class MasterSocket:
     async def _await_new_worker(
         self, before: ProcState, deadline: float, limit: float
     ) -> ProcState:
-        """Poll `show proc` until the reload shows as done or as failed."""
+        """Poll `show proc` until the reload shows as done or as failed.
+
+        A master with another pid was started anew (a supervisor restarted
+        HAProxy after it exited): it read the configuration on disk, which
+        was installed before the reload, so its first worker counts too.
+        """
         while True:
             state = await self._show_proc_until(deadline)
+            if state.master_pid != before.master_pid and state.worker_pids:
+                return state
             if state.reloads > before.reloads:
                 if _new_pids(before, state):
                     return state

@@ -4,7 +4,9 @@
   its config directory and master socket.
 - Standalone mode: we start an embedded nats-server and HAProxy ourselves,
   then run exactly the same sidecar against them, and stop both on the way
-  out (HAProxy finishing the requests in flight).
+  out (HAProxy finishing the requests in flight). HAProxy 2.6 exits as a
+  whole when its worker dies; standalone mode then starts it again on the
+  installed files, as Docker's restart policy does in sidecar mode.
 
 Around the sidecar in both modes: the health listener (`/healthz`, `/readyz`,
 `/metrics`) and the heartbeat that writes this instance's status record.
@@ -17,25 +19,42 @@ import contextlib
 import functools
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .check import haproxy_version
-from .errors import CheckError, DocumentError, InstallError, MomusError, ReloadError
+from .errors import (
+    CheckError,
+    DocumentError,
+    InstallError,
+    MomusError,
+    ProcessError,
+    ReloadError,
+)
 from .haproxy import HAProxyProcess
 from .health import HealthServer
-from .install import install
+from .install import install, read_installed
 from .metrics import Metrics
 from .nats_server import EmbeddedNats
 from .reload import MasterSocket
-from .sidecar import ApplyResult, Sidecar, SidecarSettings, initial_files
+from .sidecar import ApplyResult, Sidecar, SidecarSettings, starting_files
 from .status import Heartbeat, StatusSettings, Tracker
 from .watch import NatsOptions, Store
 
 __all__ = ["Instance", "RunOptions", "run", "serve"]
 
 log = logging.getLogger(__name__)
+
+RESTART_DELAY = 0.5
+"""Seconds before standalone mode starts an exited HAProxy again, at first."""
+
+MAX_RESTART_DELAY = 30.0
+"""The restart delay doubles while HAProxy keeps exiting, up to this."""
+
+STABLE_AFTER = 60.0
+"""Seconds HAProxy must run for the restart delay to go back to the first one."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +86,59 @@ async def _standalone(options: RunOptions) -> AsyncIterator[SidecarSettings]:
     data = settings.data_dir
     url = options.nats.servers[0]
     async with EmbeddedNats(url, data / "nats"):
-        files = initial_files(settings).files
-        await asyncio.to_thread(install, files, settings.config_dir)
+        installed = await asyncio.to_thread(read_installed, settings.config_dir)
+        rendered, _ = starting_files(settings, installed)
+        if rendered.files != installed:
+            await asyncio.to_thread(install, rendered.files, settings.config_dir)
         haproxy = HAProxyProcess(
             settings.config_dir, data / "run", haproxy_bin=settings.haproxy_bin
         )
-        async with haproxy:
+        async with haproxy, _restarted(haproxy):
             _banner(options, haproxy)
             yield replace(settings, master_socket=haproxy.master_socket)
+
+
+@contextlib.asynccontextmanager
+async def _restarted(haproxy: HAProxyProcess) -> AsyncIterator[None]:
+    """Keep `haproxy` running for the duration: start it again when it exits."""
+    task = asyncio.create_task(_keep_running(haproxy))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _keep_running(haproxy: HAProxyProcess) -> None:
+    """Start HAProxy again on the installed files each time its master exits.
+
+    The delay before a start doubles while HAProxy keeps exiting (or failing
+    to start), and goes back to `RESTART_DELAY` once it has run for
+    `STABLE_AFTER` seconds.
+    """
+    delay = RESTART_DELAY
+    while True:
+        started = time.monotonic()
+        # HAProxy runs as a `subprocess.Popen`, whose exit nothing signals to
+        # the event loop; reading its status ten times a second costs nothing.
+        while (status := haproxy.returncode) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        if time.monotonic() - started >= STABLE_AFTER:
+            delay = RESTART_DELAY
+        log.warning(
+            "HAProxy's master %d exited with status %s; starting it again on the "
+            "installed files in %.1f s",
+            haproxy.pid,
+            status,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_RESTART_DELAY)
+        try:
+            await haproxy.start()
+        except ProcessError as exc:
+            log.error("could not start HAProxy again: %s", " ".join(str(exc).split()))
 
 
 def _command() -> str:
@@ -179,6 +243,7 @@ class _OnceError(MomusError):
 _ONCE_EXIT = {
     "refused": DocumentError.exit_code,
     "check_failed": CheckError.exit_code,
+    "check_unavailable": CheckError.exit_code,
     "install_failed": InstallError.exit_code,
     "reload_failed": ReloadError.exit_code,
 }

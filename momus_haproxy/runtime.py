@@ -587,6 +587,10 @@ def _add_args(defaults: list[str], backend: _Backend, words: list[str]) -> str:
     for word in args:
         if not _WORD.match(word):
             raise _NeedsReload(f"server argument {word!r} needs quoting")
+    if ("ca-file", "@system-ca") in merged:
+        # HAProxy 2.6 loads the system CA store only while it parses its
+        # configuration; `add server ... ca-file @system-ca` fails.
+        raise _NeedsReload("a server verifying against the system CAs")
     return " ".join(args)
 
 

@@ -15,6 +15,14 @@ follows as for any other change.
 Bursts are coalesced: a change that comes after a quiet spell is applied at
 once, and the changes that follow it closely wait for a quiet period (bounded
 by `max_delay`), after which only the newest revision is applied.
+
+A failure that may pass later (a check that gave no verdict, an install or a
+reload that failed) is tried again after `retry_delay`, then after twice as
+long each time, up to `MAX_RETRY_DELAY`; a newer revision ends the wait. A
+reload HAProxy refused is retried only a few times (`RELOAD_ATTEMPTS`), and
+never when one more refusal would cost the serving worker its life: HAProxy
+2.6 counts failed reloads on that worker, and past `mworker-max-reloads` it
+ends the worker at the next good reload, connections and all.
 """
 
 from __future__ import annotations
@@ -45,13 +53,14 @@ from .check import check
 from .document import Document, parse_document
 from .errors import (
     CheckError,
+    CheckUnavailableError,
     DocumentError,
     InstallError,
     MomusError,
     ReloadError,
 )
 from .install import install, read_installed
-from .reload import MasterSocket
+from .reload import MasterSocket, ProcState
 from .render import Rendered, RenderSettings, render
 from .runtime import (
     CONFIG,
@@ -67,16 +76,25 @@ from .watch import Entry
 
 __all__ = [
     "EMPTY_DOCUMENT",
+    "MAX_RETRY_DELAY",
+    "RELOAD_ATTEMPTS",
     "ApplyResult",
     "LastGood",
     "Sidecar",
     "SidecarSettings",
     "initial_files",
+    "starting_files",
 ]
 
 log = logging.getLogger(__name__)
 
 EMPTY_DOCUMENT = b'{"Routes": [], "Clusters": []}'
+
+MAX_RETRY_DELAY = 60.0
+"""Longest wait, in seconds, between two attempts at the same revision."""
+
+RELOAD_ATTEMPTS = 4
+"""Failed reloads in a row after which a revision waits for a newer one."""
 
 Outcome = Literal[
     "applied",
@@ -84,6 +102,7 @@ Outcome = Literal[
     "runtime",
     "refused",
     "check_failed",
+    "check_unavailable",
     "install_failed",
     "reload_failed",
     "kept",
@@ -154,7 +173,7 @@ class ApplyResult:
     @property
     def retryable(self) -> bool:
         """Whether trying the same revision again later may succeed."""
-        return self.outcome in ("install_failed", "reload_failed")
+        return self.outcome in ("check_unavailable", "install_failed", "reload_failed")
 
 
 @dataclass(frozen=True)
@@ -196,13 +215,31 @@ class LastGood:
 
 def initial_files(settings: SidecarSettings) -> Rendered:
     """Render what HAProxy should start with: the last good document, or none."""
+    return starting_files(settings, {})[0]
+
+
+def starting_files(
+    settings: SidecarSettings, installed: Mapping[str, str]
+) -> tuple[Rendered, str]:
+    """Choose what HAProxy serves at start-up; say which, for the log.
+
+    The last good record, rendered with the current settings, comes first.
+    Without one (a data directory that was not kept, a sidecar killed before
+    it recorded a reload), the `installed` files stay: they passed `haproxy
+    -c` when they were installed, and are all there is until NATS answers.
+    Only when nothing is installed does HAProxy start from the empty document.
+    """
     last = LastGood.load(settings.data_dir)
-    value = last.value if last else EMPTY_DOCUMENT
-    try:
-        return render(parse_document(value), settings.rendering)
-    except DocumentError as exc:
-        log.warning("last good document no longer renders (%s); starting empty", exc)
-        return render(parse_document(EMPTY_DOCUMENT), settings.rendering)
+    if last is not None:
+        try:
+            rendered = render(parse_document(last.value), settings.rendering)
+            return rendered, f"revision {last.revision} from the last good record"
+        except DocumentError as exc:
+            log.warning("the last good document no longer renders: %s", _one_line(exc))
+    if installed:
+        return Rendered(dict(installed)), "the installed files, no last good record"
+    empty = render(parse_document(EMPTY_DOCUMENT), settings.rendering)
+    return empty, "the empty document, no last good record"
 
 
 @dataclass
@@ -289,14 +326,22 @@ class Sidecar:
             tasks.create_task(self._delete_drained_forever())
 
     async def ensure_served(self) -> None:
-        """Install the last good render if the live files differ, then reload once.
+        """Install the start-up files (`starting_files`) if need be, then reload once.
 
         A reload at start-up makes sure the running HAProxy serves the files on
         disk, whoever wrote them; it is hitless, so it costs nothing to clients.
+        When nothing is installed yet, the files go in before anything else:
+        an HAProxy that waits for its first configuration (as in the compose
+        setup) can then start while the sidecar waits for its master socket.
         """
-        rendered = initial_files(self.settings)
-        installed = read_installed(self.settings.config_dir)
+        live = self.settings.config_dir
         try:
+            installed = await asyncio.to_thread(read_installed, live)
+            rendered, source = starting_files(self.settings, installed)
+            if not installed:
+                await asyncio.to_thread(install, rendered.files, live)
+                installed = rendered.files
+            await self._await_master()
             async with self._worker.lock:
                 if installed != rendered.files:
                     await self._install_and_reload(rendered, installed)
@@ -305,6 +350,34 @@ class Sidecar:
                     self._worker.reloaded()
         except (InstallError, ReloadError) as exc:
             log.error("could not confirm HAProxy serves the installed files: %s", exc)
+            return
+        log.info("HAProxy serves %s", source)
+
+    async def _await_master(self) -> None:
+        """Wait, up to `reload_timeout`, until HAProxy's master socket answers.
+
+        The sidecar may start before HAProxy does. If the socket still does
+        not answer, the reload that follows says so.
+        """
+        path, bound = self.master.path, self.settings.reload_timeout
+        try:
+            await MasterSocket(path, retry_for=0).show_proc()
+            return
+        except ReloadError as exc:
+            reason = getattr(exc.__cause__, "strerror", None) or "no answer"
+            log.info(
+                "HAProxy's master socket %s does not answer yet (%s); "
+                "waiting up to %g s",
+                path,
+                reason,
+                bound,
+            )
+        started = time.monotonic()
+        with contextlib.suppress(ReloadError):
+            await MasterSocket(path, retry_for=bound).show_proc()
+            log.info(
+                "HAProxy's master answered after %.1f s", time.monotonic() - started
+            )
 
     async def _follow(self) -> None:
         async for entry in self.source.watch():
@@ -313,6 +386,8 @@ class Sidecar:
             self._changed.set()
 
     async def _apply_forever(self) -> None:
+        retrying: Entry | None = None
+        failures = 0
         while True:
             await self._changed.wait()
             if time.monotonic() - self._idle_since < self.settings.quiet_period:
@@ -323,11 +398,51 @@ class Sidecar:
                 continue
             result = await self.apply(entry)
             self._idle_since = time.monotonic()
-            if result.retryable and self._pending is None:
-                await asyncio.sleep(self.settings.retry_delay)
-                if self._pending is None:
-                    self._pending = entry
-                    self._changed.set()
+            failures = failures + 1 if entry is retrying else 1
+            retrying = None
+            retry = result.retryable and self._pending is None
+            if retry and await self._may_retry(result):
+                await self._retry_later(entry, failures)
+                retrying = entry
+
+    async def _retry_later(self, entry: Entry, failures: int) -> None:
+        """Queue `entry` again after a delay that doubles with each failure.
+
+        A newer revision arriving meanwhile ends the wait and is applied
+        instead; the failed one is then left behind, as newer always wins.
+        """
+        delay = min(self.settings.retry_delay * 2 ** (failures - 1), MAX_RETRY_DELAY)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._changed.wait()
+        if self._pending is None:
+            self._pending = entry
+            self._changed.set()
+
+    async def _may_retry(self, result: ApplyResult) -> bool:
+        """Whether trying the reload of `result` again is safe; say so when not.
+
+        Only a reload HAProxy refused has a cost: each one pauses the serving
+        worker's listeners while HAProxy retries the bind, and counts against
+        that worker's `mworker-max-reloads`. A master that does not answer
+        counts nothing, and is always tried again.
+        """
+        if result.outcome != "reload_failed":
+            return True
+        try:
+            state = await self.master.show_proc()
+        except ReloadError:
+            return True
+        reason = _no_retry_reason(state, self.settings.render.max_reloads)
+        if reason:
+            log.error(
+                "revision %d: not retrying the reload: %s; waiting for a new "
+                "revision, still serving revision %s",
+                result.revision,
+                reason,
+                self.applied_revision,
+            )
+        return not reason
 
     async def _settle(self) -> None:
         """Wait until changes pause for the quiet period, or `max_delay` passed."""
@@ -631,9 +746,30 @@ def _without_servers(state: str, servers: Collection[str]) -> str:
     return "".join(kept)
 
 
+def _no_retry_reason(state: ProcState, max_reloads: int) -> str:
+    """Why another reload attempt must wait for a new revision, or "" if not.
+
+    A failed reload adds one to the serving worker's reload count; the next
+    good reload adds one more, and HAProxy ends a worker whose count then
+    exceeds `mworker-max-reloads`.
+    """
+    if state.failed_reloads >= RELOAD_ATTEMPTS:
+        return f"HAProxy refused the last {state.failed_reloads} reloads"
+    worker = state.workers[0] if state.workers else None
+    if worker is not None and 0 < max_reloads <= worker.reloads + 1:
+        return (
+            f"worker {worker.pid} has lived through {worker.reloads} reloads, and "
+            f"one more failed reload would make HAProxy end it at the next good "
+            f"one (mworker-max-reloads {max_reloads})"
+        )
+    return ""
+
+
 def _outcome(exc: MomusError) -> Outcome:
     if isinstance(exc, DocumentError):
         return "refused"
+    if isinstance(exc, CheckUnavailableError):
+        return "check_unavailable"
     if isinstance(exc, CheckError):
         return "check_failed"
     if isinstance(exc, InstallError):

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Issue
+from .errors import QUOTE_LIMIT, Issue, quoted
 
 __all__ = ["Transform", "check_transforms", "parse_transforms"]
 
@@ -81,9 +81,16 @@ def check_transforms(items: list[dict[str, Any]], where: str) -> list[Issue]:
         try:
             _parse_one(item)
         except _TransformError as exc:
-            path = f"{where}[{index}]" + (f".{exc.key}" if exc.key else "")
+            path = f"{where}[{index}]" + (f".{_name(exc.key)}" if exc.key else "")
             issues.append(Issue(path, exc.message))
     return issues
+
+
+def _name(key: str) -> str:
+    """A key as a path shows it: whole, unless a hostile document made it long."""
+    if len(key) <= QUOTE_LIMIT:
+        return key
+    return f"{key[:QUOTE_LIMIT]}... ({len(key)} characters)"
 
 
 def parse_transforms(items: list[dict[str, Any]]) -> list[Transform]:
@@ -103,7 +110,7 @@ def _canonical(item: dict[str, Any]) -> tuple[str, dict[str, str]]:
     extras = {e.lower(): e for keys in SUPPORTED.values() for e in keys}
     kinds = [names[k.lower()] for k in item if k.lower() in names]
     if len(kinds) != 1:
-        found = ", ".join(repr(k) for k in item) or "nothing"
+        found = quoted(list(item)) if item else "nothing"
         raise _TransformError("", f"names no single known transform (found {found})")
     kind = kinds[0]
     if kind in UNSUPPORTED:
@@ -118,10 +125,10 @@ def _canonical(item: dict[str, Any]) -> tuple[str, dict[str, str]]:
         if name in values:
             raise _TransformError(key, "is given twice in different letter case")
         if not isinstance(value, str):
-            raise _TransformError(name, f"{value!r} must be a string")
+            raise _TransformError(name, f"{quoted(value)} must be a string")
         if _CONTROL_RE.search(value) or len(value) > 1024:
             raise _TransformError(
-                name, f"{value!r} has a control character or is too long"
+                name, f"{quoted(value)} has a control character or is too long"
             )
         values[name] = value
     return kind, values
@@ -129,14 +136,14 @@ def _canonical(item: dict[str, Any]) -> tuple[str, dict[str, str]]:
 
 def _parse_one(item: Any) -> Transform:
     if not isinstance(item, dict):
-        raise _TransformError("", f"{item!r} must be an object")
+        raise _TransformError("", f"{quoted(item)} must be an object")
     kind, values = _canonical(item)
     subject = values[kind]
     if kind in ("PathPrefix", "PathRemovePrefix", "PathSet"):
         return Transform(kind, name=_path(kind, subject))
     if kind == "RequestHeaderOriginalHost":
         if subject.lower() not in ("true", "false"):
-            raise _TransformError(kind, f"{subject!r} must be 'true' or 'false'")
+            raise _TransformError(kind, f"{quoted(subject)} must be 'true' or 'false'")
         return Transform(kind, value=subject.lower())
     if kind == "X-Forwarded":
         return _forwarded(values)
@@ -176,7 +183,7 @@ def _forwarded_action(key: str, value: str) -> str:
         if value.lower() == action.lower():
             return action
     raise _TransformError(
-        key, f"{value!r} is not one of: {', '.join(_FORWARDED_ACTIONS)}"
+        key, f"{quoted(value)} is not one of: {', '.join(_FORWARDED_ACTIONS)}"
     )
 
 
@@ -185,13 +192,15 @@ def _when(values: dict[str, str]) -> str:
     for choice in ("Success", "Always", "Failure"):
         if when.lower() == choice.lower():
             return choice
-    raise _TransformError("When", f"{when!r} is not one of: Success, Always, Failure")
+    raise _TransformError(
+        "When", f"{quoted(when)} is not one of: Success, Always, Failure"
+    )
 
 
 def _header(key: str, name: str) -> str:
     if not _HEADER_NAME_RE.match(name):
         raise _TransformError(
-            key, f"{name!r} is not a header name (letters, digits, '-', '_', '.')"
+            key, f"{quoted(name)} is not a header name (letters, digits, '-', '_', '.')"
         )
     return name
 
@@ -200,7 +209,7 @@ def _path(key: str, value: str) -> str:
     if not _PATH_RE.match(value) or _PERCENT_RE.search(value):
         raise _TransformError(
             key,
-            f"{value!r} must be a literal path starting with '/' (no spaces, "
+            f"{quoted(value)} must be a literal path starting with '/' (no spaces, "
             "quotes, '#', '?', braces, and '%' only as %XX)",
         )
     return value

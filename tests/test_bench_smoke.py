@@ -103,3 +103,27 @@ def test_reloads_avoided(tmp_path: Path) -> None:
     for kind in ("add", "remove", "move"):
         assert figures["kinds"][kind]["outcomes"] == {"runtime": 2}, figures["kinds"]
         assert figures["kinds"][kind]["reloads"] == 0
+
+
+def test_report_replaces_only_the_run(tmp_path: Path) -> None:
+    """The report runner rewrites the part between its markers and judges targets."""
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(
+        "# Reading\n\n<!-- run starts -->\nold figures\n<!-- run ends -->\n\nNotes.\n"
+    )
+    command = [sys.executable, str(BENCH / "report.py"), "--only", "burst"]
+    done = subprocess.run(
+        [*command, "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = out.read_text()
+    assert text.startswith("# Reading\n\n<!-- run starts -->\n")
+    assert text.endswith("<!-- run ends -->\n\nNotes.\n")
+    assert "old figures" not in text
+    assert "## 4. Bursts" in text
+    assert "    .venv/bin/python bench/burst.py --rate 20" in text
+    assert "ends on the last revision: yes" in text

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from momus_haproxy.check import alert_lines, check, haproxy_version
-from momus_haproxy.errors import CheckError
+from momus_haproxy.errors import CheckError, CheckUnavailableError
 from tests.support.haproxy import simple_config
 
 ALERT_OUTPUT = """\
@@ -102,7 +102,27 @@ async def test_exit_status_alone_decides_failure(tmp_path: Path) -> None:
     simple_config(tmp_path, listen_port=18000, server_port=18001)
     binary = fake_haproxy(tmp_path, "echo 'something odd'; exit 2")
 
-    with pytest.raises(CheckError, match=r"exit status 2\): something odd"):
+    with pytest.raises(CheckError, match=r"exit status 2\): something odd") as caught:
+        await check(tmp_path, haproxy_bin=binary)
+    assert not isinstance(caught.value, CheckUnavailableError)
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ("kill -KILL $$", "killed by SIGKILL"),
+        ("echo 'cannot run'; exit 126", "exited with status 126"),
+    ],
+    ids=["killed", "shell-could-not-run-it"],
+)
+async def test_a_check_without_verdict_is_unavailable(
+    tmp_path: Path, script: str, reason: str
+) -> None:
+    """A check killed, or one a shell could not run, gives no verdict to retry."""
+    simple_config(tmp_path, listen_port=18000, server_port=18001)
+    binary = fake_haproxy(tmp_path, script)
+
+    with pytest.raises(CheckUnavailableError, match=f"no verdict.*{reason}"):
         await check(tmp_path, haproxy_bin=binary)
 
 
@@ -111,7 +131,7 @@ async def test_a_check_that_hangs_is_stopped(tmp_path: Path) -> None:
     simple_config(tmp_path, listen_port=18000, server_port=18001)
     binary = fake_haproxy(tmp_path, "exec sleep 30")
 
-    with pytest.raises(CheckError, match=r"did not finish within 0\.3 s"):
+    with pytest.raises(CheckUnavailableError, match=r"did not finish within 0\.3 s"):
         await check(tmp_path, haproxy_bin=binary, timeout=0.3)
 
 
@@ -119,7 +139,9 @@ async def test_missing_binary_says_how_to_install(tmp_path: Path) -> None:
     """A missing haproxy binary names itself and how to install it."""
     simple_config(tmp_path, listen_port=18000, server_port=18001)
 
-    with pytest.raises(CheckError, match=r"'no-such-haproxy'.*apt-get install haproxy"):
+    with pytest.raises(
+        CheckUnavailableError, match=r"'no-such-haproxy'.*apt-get install haproxy"
+    ):
         await check(tmp_path, haproxy_bin="no-such-haproxy")
 
 

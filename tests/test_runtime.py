@@ -178,6 +178,91 @@ class TestRuntimeChanges:
         assert runtime_changes(live, new, parked={path: "127.0.0.1:3 weight 9"}) is None
 
 
+def _named(address: str, **destination: Any) -> dict[str, Any]:
+    """Cluster `a` with one destination named `api.test` at `address`."""
+    value = {"Address": address, "Host": "api.test", **destination}
+    return {"ClusterId": "a", "Destinations": {"d": value}}
+
+
+class TestRuntimeEdges:
+    def test_address_between_host_name_and_ip_needs_a_reload(self) -> None:
+        """A server whose address turns into a DNS name, or back, is reloaded."""
+        routes = [_route("a", "a", "a.test")]
+        by_ip = _render(routes, [_named("http://127.0.0.1:80")])
+        by_name = _render(routes, [_named("http://web:80")])
+        assert runtime_changes(by_ip, by_name) is None
+        assert runtime_changes(by_name, by_ip) is None
+
+    def test_server_tls_and_check_settings_need_a_reload(self) -> None:
+        """TLS, a health address or check timings of a kept server mean a reload."""
+        routes = [_route("a", "a", "a.test")]
+        live = _render(routes, [_named("http://127.0.0.1:80")])
+        checked = {"Active": {"Enabled": True, "Interval": "00:00:05"}}
+        changed = [
+            _named("https://127.0.0.1:80"),
+            _named("http://127.0.0.1:80", Health="http://127.0.0.1:81"),
+            {**_named("http://127.0.0.1:80"), "HealthCheck": checked},
+        ]
+        for cluster in changed:
+            assert runtime_changes(live, _render(routes, [cluster])) is None, cluster
+
+    def test_new_server_checked_against_system_cas_needs_a_reload(self) -> None:
+        """HAProxy 2.6 cannot load `@system-ca` at runtime; without verify it can."""
+        routes = [_route("a", "a", "a.test")]
+        live = _render(routes, [_named("http://127.0.0.1:80")])
+        verified = _named("http://127.0.0.1:80")
+        verified["Destinations"]["e"] = {"Address": "https://127.0.0.1:443"}
+        assert runtime_changes(live, _render(routes, [verified])) is None
+        trust = {"HttpClient": {"DangerousAcceptAnyServerCertificate": True}}
+        live = _render(routes, [{**_named("http://127.0.0.1:80"), **trust}])
+        commands = runtime_changes(live, _render(routes, [{**verified, **trust}]))
+        assert commands is not None
+        assert "ssl verify none" in commands[0], commands
+
+    def test_same_address_twice_is_two_servers(self) -> None:
+        """Two destinations on one address, told apart by Host, are two servers."""
+        routes = [_route("a", "a", "a.test")]
+        live = _render(routes, [_named("http://127.0.0.1:80")])
+        both = _named("http://127.0.0.1:80")
+        both["Destinations"]["e"] = {"Address": "http://127.0.0.1:80", "Host": "b.io"}
+        commands = runtime_changes(live, _render(routes, [both]))
+        assert commands is not None
+        assert [command.split()[:3] for command in commands] == [
+            ["add", "server", commands[0].split()[2]],
+            ["enable", "server", commands[0].split()[2]],
+        ]
+        assert commands[0].endswith("/b.io 127.0.0.1:80")
+
+    def test_last_destination_removed_leaves_the_backend_empty(self) -> None:
+        """A cluster's last destination is removed at runtime; its backend stays."""
+        live, new = _sites((1,), (2,)), _sites((), (2,))
+        commands = runtime_changes(live, new)
+        assert commands is not None
+        assert [command.split()[0] for command in commands] == ["disable", "del"]
+
+    def test_renamed_cluster_needs_a_reload(self) -> None:
+        """A cluster under a new id is a new backend: a reload."""
+        routes = [_route("a", "a", "a.test")]
+        renamed = [_route("a", "b", "a.test")]
+        live = _render(routes, [_cluster("a", 1)])
+        assert runtime_changes(live, _render(renamed, [_cluster("b", 1)])) is None
+
+    def test_thousands_of_hosts_moved_are_compared_quickly(self) -> None:
+        """1,500 hosts moved between clusters are 1,500 `set map` commands."""
+        hosts = [f"h{index}.test" for index in range(1500)]
+        clusters = [_cluster("a", 1), _cluster("b", 2)]
+        live = _render(
+            [_route("a", "a", "a.test", *hosts), _route("b", "b", "b.test")], clusters
+        )
+        new = _render(
+            [_route("a", "a", "a.test"), _route("b", "b", "b.test", *hosts)], clusters
+        )
+        commands = runtime_changes(live, new)
+        assert commands is not None
+        assert len(commands) == 1500
+        assert {command.split()[0] for command in commands} == {"set"}
+
+
 def _logical(name: str) -> str:
     stem, _, _ = name.rpartition("-")
     return f"{stem}.map"
