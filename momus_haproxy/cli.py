@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 
 from . import __version__
 from .check import check
@@ -30,6 +33,7 @@ from .errors import DocumentError, MomusError
 from .install import install
 from .render import Rendered, RenderSettings, render
 from .runner import RunOptions, default_paths, run
+from .runtime import CONFIG
 from .sidecar import SidecarSettings
 from .status import (
     DEFAULT_BUCKET,
@@ -272,8 +276,28 @@ def build_nats_options(options: dict[str, Any]) -> NatsOptions:
             tls_key=values["tls_key"],
             replicas=values["replicas"],
         )
+    except ValidationError as exc:
+        raise click.UsageError(_option_problems(exc)) from None
     except ValueError as exc:
         raise click.UsageError(" ".join(str(exc).split())) from None
+
+
+_OPTION_NAMES = {
+    "servers": "--nats-url",
+    "nkey_seed": "--seed",
+    "creds_file": "--creds",
+}
+
+
+def _option_problems(exc: ValidationError) -> str:
+    """Each problem of `exc` on its own line, naming the option."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        option = _OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{option}: {message}" if field else message)
+    return "\n".join(lines)
 
 
 class JsonFormatter(logging.Formatter):
@@ -577,7 +601,10 @@ async def _get(nats: NatsOptions) -> Entry | None:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write haproxy.cfg and its map files into this directory.",
+    help=(
+        "Write haproxy.cfg and its map files into this directory. Without it, "
+        "haproxy.cfg is printed and its map files go to ~/.cache/momus-haproxy."
+    ),
 )
 @nats_options
 @render_options
@@ -602,11 +629,49 @@ def render_command(
                 click.echo(f"# ---- {name}")
                 click.echo(rendered.files[name], nl=False)
         else:
-            click.echo(rendered.config, nl=False)
+            click.echo(_runnable_config(rendered), nl=False)
     except MomusError as exc:
         fail(exc)
     if out is not None:
         click.echo(f"wrote {len(rendered.files)} files to {out}", err=True)
+
+
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
+
+
+def _runnable_config(rendered: Rendered) -> str:
+    """Return haproxy.cfg pointing at its map files by absolute path.
+
+    The configuration looks hosts and paths up in map files, which a printed
+    configuration cannot carry; they are written to a cache directory under
+    names that hash their content, so the printed text runs as it is
+    (`haproxy -c -f printed.cfg`) wherever it is saved.
+    """
+    maps = {name: text for name, text in rendered.files.items() if name != CONFIG}
+    if not maps:
+        return rendered.config
+    cache = _map_cache()
+    config = rendered.config
+    for name, text in maps.items():
+        path = cache / name
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = path.with_name(f".{path.name}.{os.getpid()}")
+            scratch.write_text(text)
+            scratch.replace(path)
+        config = config.replace(f"({name})", f"({path})")
+    click.echo(f"# map files of this configuration: {cache / 'maps'}", err=True)
+    return config
+
+
+def _map_cache() -> Path:
+    """The directory printed configurations keep their map files in."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = Path(base) / "momus-haproxy"
+    if not cache.is_absolute() or not _SAFE_PATH.match(str(cache)):
+        # The path is written into the configuration unquoted.
+        cache = Path(tempfile.mkdtemp(prefix="momus-haproxy-"))
+    return cache
 
 
 def _stored_document(nats: NatsOptions) -> Document:

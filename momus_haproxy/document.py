@@ -598,9 +598,12 @@ def load_json(data: bytes | str) -> Any:
     except UnicodeDecodeError as exc:
         problem = f"the document is not UTF-8 text (byte {exc.start})"
     except json.JSONDecodeError as exc:
-        problem = (
-            f"the document is not valid JSON: {exc.msg} at {exc.lineno}:{exc.colno}"
-        )
+        where = f"line {exc.lineno}, column {exc.colno}"
+        problem = f"the document is not valid JSON: {exc.msg} at {where}"
+        if not exc.doc.strip():
+            problem = "the document is empty; an empty routing table is " + (
+                '{"Routes": [], "Clusters": []}'
+            )
     except RecursionError:
         problem = "the document is not valid JSON: it is nested too deeply"
     except ValueError as exc:
@@ -628,6 +631,8 @@ def _issues_from(exc: ValidationError) -> list[Issue]:
             message = "is not a field momus-haproxy knows; remove it or fix its name"
         elif error["type"] == "literal_error":
             message = f"{quoted(error['input'])} is not one of: {_expected(error)}"
+        elif "input" in error and not isinstance(error["input"], dict | list):
+            message = f"{quoted(error['input'])}: {message[:1].lower()}{message[1:]}"
         issues.append(Issue(path, message))
     return issues
 

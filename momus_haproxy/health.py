@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from .errors import ProcessError
+
 __all__ = ["HealthServer", "Probe"]
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,14 @@ class HealthServer:
 
     async def start(self) -> None:
         """Start listening; a port of 0 picks a free one (see `port` after)."""
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:
+            raise ProcessError(
+                f"cannot listen on {self.host}:{self.port} for the health "
+                f"endpoints: {exc.strerror or exc}; choose another address "
+                "with --health-bind (MOMUS_HEALTH_BIND), or an empty one for none."
+            ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("health endpoints on http://%s:%d/readyz", self.host, self.port)
 

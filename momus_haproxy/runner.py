@@ -173,7 +173,8 @@ class Instance:
     @classmethod
     def build(cls, options: RunOptions) -> Instance:
         """Wire a sidecar, its store and its observers from `options`."""
-        store = Store(options.nats, wait=True)
+        # `--once` gives up on an unreachable NATS, as the one-shot commands do.
+        store = Store(options.nats, wait=not options.once)
         sidecar = Sidecar(options.sidecar, store)
         tracker = Tracker(sidecar)
         metrics = Metrics(options.status.instance_id)

@@ -706,6 +706,16 @@ class Store:
         entry = _entry_from_raw(raw)
         return entry if entry is not None and entry.operation == "PUT" else None
 
+    async def _why_missing(self, revision: int) -> str:
+        """Say why `revision` is not in the stream, as far as its state tells."""
+        try:
+            state = (await self.js.stream_info(self.options.stream)).state
+        except (nats.errors.Error, TimeoutError):
+            return ""
+        if revision > state.last_seq:
+            return f"; the latest revision is {state.last_seq}"
+        return "; it is older than the history the bucket keeps, or another key's"
+
     async def get_revision(self, revision: int) -> Entry:
         """Return one revision of the key, a value or a delete or purge marker."""
         where = self.options.where
@@ -713,7 +723,7 @@ class Store:
             raw = await self.js.get_msg(self.options.stream, seq=revision)
         except nats.js.errors.NotFoundError as exc:
             message = f"revision {revision!r} of {where} is not in the bucket"
-            raise StoreError(message + "; it may be older than its history") from exc
+            raise StoreError(message + await self._why_missing(revision)) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise _store_error(f"cannot read revision {revision!r}", exc) from exc
 

@@ -164,6 +164,27 @@ class TestRefusals:
         assert "twice" in _refusal(b'{"Routes": [], "Routes": []}')
 
 
+class TestSyntaxMessages:
+    """Broken JSON and wrong types are explained in words an operator acts on."""
+
+    def test_json_error_gives_line_and_column(self) -> None:
+        """A syntax error says where, as a line and a column."""
+        message = _refusal(b'{"Routes": [\n')
+        assert "at line 2, column 1" in message
+
+    def test_empty_value_says_so(self) -> None:
+        """An empty value is called empty, with the empty document to use instead."""
+        message = _refusal(b"  \n")
+        assert "the document is empty" in message
+        assert '{"Routes": [], "Clusters": []}' in message
+
+    def test_wrong_type_quotes_the_value(self) -> None:
+        """A value of the wrong type is quoted next to its field path."""
+        route = {**_route(Hosts=["a.test"]), "Order": "first"}
+        message = _refusal(_doc([route]))
+        assert "Routes[0].Order: 'first': input should be a valid integer" in message
+
+
 class TestFields:
     def test_wildcard_and_idn_hosts(self) -> None:
         """Wildcards stay, upper case is folded and IDN hosts become punycode."""

@@ -377,15 +377,35 @@ class TestCommandLine:
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
     async def test_printed_seed_config_passes_haproxy(
-        self, tmp_path: Path, haproxy_bin: str
+        self, tmp_path: Path, haproxy_bin: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """`render --from-file` prints the golden haproxy.cfg, which passes `-c`."""
+        """`render --from-file` prints a haproxy.cfg that passes `-c` on its own.
+
+        Its map files go to the cache directory, named by their content, and
+        the printed configuration points at them by absolute path.
+        """
+        cache = tmp_path / "cache"
+        monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
         seed = CASES / "seed-devsite" / "route-config.json"
         result = _run("render", "--from-file", str(seed))
         assert result.exit_code == 0, result.stderr
         golden = _read_tree(GOLDEN / "seed-devsite")
-        assert result.stdout == golden["haproxy.cfg"]
         maps = {name: text for name, text in golden.items() if name != "haproxy.cfg"}
-        install({**maps, "haproxy.cfg": result.stdout}, tmp_path)
-        output = await check(tmp_path, haproxy_bin=haproxy_bin)
+        expected = golden["haproxy.cfg"]
+        for name in maps:
+            expected = expected.replace(f"({name})", f"({cache}/momus-haproxy/{name})")
+        assert result.stdout == expected
+        assert _read_tree(cache / "momus-haproxy") == maps
+        alone = tmp_path / "elsewhere"
+        alone.mkdir()
+        (alone / "haproxy.cfg").write_text(result.stdout)
+        output = await check(alone, haproxy_bin=haproxy_bin)
         assert "[ALERT]" not in output
+
+
+def test_a_bad_nats_url_names_the_option() -> None:
+    """A URL that is not a NATS URL is refused in one line naming --nats-url."""
+    result = CliRunner().invoke(main, ["config", "get", "--nats-url", "127.0.0.1:4222"])
+    assert result.exit_code == 2
+    assert "--nats-url: '127.0.0.1:4222' is not a NATS URL" in result.output
+    assert "pydantic" not in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ from typing import Any
 import pytest
 
 from momus_haproxy.errors import MomusError
+from momus_haproxy.haproxy import HAProxyProcess
+from momus_haproxy.install import install
 from momus_haproxy.nats_server import EmbeddedNats
-from momus_haproxy.sidecar import ApplyResult, LastGood
+from momus_haproxy.render import RenderSettings
+from momus_haproxy.sidecar import ApplyResult, LastGood, SidecarSettings, initial_files
 from momus_haproxy.status import (
     Attempt,
     Fleet,
@@ -23,6 +27,7 @@ from momus_haproxy.status import (
     read_fleet,
 )
 from momus_haproxy.watch import NatsOptions, Store
+from tests.support.echo import free_port as _free_port
 from tests.support.fleet import STATUS_INTERVAL, STATUS_TTL, cli, spawn
 from tests.support.fleet import Fleet as FleetFixture
 from tests.support.haproxy import HAProxyRunner
@@ -299,20 +304,8 @@ class TestRunOnce:
         operator_kv: OperatorFactory,
     ) -> None:
         """A good document is applied and exits 0; a refused one exits 2."""
-        from momus_haproxy.install import install
-        from momus_haproxy.render import RenderSettings
-        from momus_haproxy.sidecar import SidecarSettings, initial_files
-        from tests.support.echo import free_port
-
-        render = RenderSettings(http_bind=f"127.0.0.1:{free_port()}", stats_bind=None)
-        settings = SidecarSettings(
-            config_dir=tmp_path / "conf",
-            master_socket=tmp_path / "x.sock",
-            data_dir=tmp_path / "data",
-            render=render,
-        )
-        install(initial_files(settings).files, settings.config_dir)
-        haproxy = await haproxy_runner(settings.config_dir)
+        settings, haproxy = await _served_empty(tmp_path, haproxy_runner)
+        render = settings.render
         args = [
             "run", "--once", f"--nats-url={nats_server.url}",
             f"--config-dir={settings.config_dir}", f"--data-dir={settings.data_dir}",
@@ -341,3 +334,47 @@ class TestRunOnce:
             process = spawn(args, tmp_path / "refused.log")
             assert await asyncio.to_thread(process.wait, 30) == 2
             assert "no cluster 'nope'" in (tmp_path / "refused.log").read_text()
+
+    async def test_once_gives_up_on_nats_and_names_a_busy_health_port(
+        self,
+        tmp_path: Path,
+        haproxy_runner: HAProxyRunner,
+    ) -> None:
+        """Unreachable NATS exits 6 within bounds; a taken --health-bind exits 7."""
+        settings, haproxy = await _served_empty(tmp_path, haproxy_runner)
+        render = settings.render
+        args = [
+            "run", "--once", f"--nats-url=nats://127.0.0.1:{_free_port()}",
+            f"--config-dir={settings.config_dir}", f"--data-dir={settings.data_dir}",
+            f"--master-socket={haproxy.master_socket}",
+            f"--http-bind={render.http_bind}", "--stats-bind=", "--log-format=text",
+        ]  # fmt: skip
+        process = spawn([*args, "--health-bind="], tmp_path / "nats.log")
+        assert await asyncio.to_thread(process.wait, 30) == 6
+        assert "could not connect to NATS" in (tmp_path / "nats.log").read_text()
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            bind = f"--health-bind=127.0.0.1:{port}"
+            process = spawn([*args, bind], tmp_path / "health.log")
+            assert await asyncio.to_thread(process.wait, 30) == 7
+        text = (tmp_path / "health.log").read_text()
+        assert "--health-bind" in text
+        assert "Traceback" not in text
+
+
+async def _served_empty(
+    tmp_path: Path, haproxy_runner: HAProxyRunner
+) -> tuple[SidecarSettings, HAProxyProcess]:
+    """Settings in `tmp_path`, and an HAProxy serving their empty document."""
+    render = RenderSettings(http_bind=f"127.0.0.1:{_free_port()}", stats_bind=None)
+    settings = SidecarSettings(
+        config_dir=tmp_path / "conf",
+        master_socket=tmp_path / "x.sock",
+        data_dir=tmp_path / "data",
+        render=render,
+    )
+    install(initial_files(settings).files, settings.config_dir)
+    return settings, await haproxy_runner(settings.config_dir)

@@ -315,7 +315,7 @@ class TestStore:
 
             with pytest.raises(StoreError, match="is not a revision of key"):
                 await store.get_revision(other)
-            with pytest.raises(StoreError, match="is not in the bucket"):
+            with pytest.raises(StoreError, match=f"the latest revision is {other}"):
                 await store.get_revision(other + 10)
 
     async def test_open_fails_fast_when_nats_is_down(
