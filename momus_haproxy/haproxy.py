@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -47,6 +48,7 @@ from pathlib import Path
 from types import TracebackType
 
 from momus_haproxy.check import missing_binary_message
+from momus_haproxy.children import ending_with_parent
 from momus_haproxy.errors import ProcessError, ReloadError
 from momus_haproxy.reload import MasterSocket, ProcState
 
@@ -226,6 +228,10 @@ class HAProxyProcess:
             "-p",
             str(self.pid_file),
         ]
+        if shutil.which(self.haproxy_bin) is None:
+            raise ProcessError(missing_binary_message(self.haproxy_bin))
+        # If we die, the master stops softly: workers finish their requests.
+        command = ending_with_parent(command, "USR1")
         try:
             with self.log_path.open("ab") as log:
                 return subprocess.Popen(

@@ -47,6 +47,7 @@ RESULTS = (
     "install_failed",
     "reload_failed",
     "kept",
+    "internal_error",
 )
 STAGES = ("render", "check", "reload")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

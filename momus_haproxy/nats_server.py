@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import IO, NoReturn, Self
 from urllib.parse import urlsplit
 
+from momus_haproxy.children import ending_with_parent
 from momus_haproxy.errors import ProcessError
 
 __all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
@@ -107,6 +108,7 @@ class EmbeddedNats:
         self.stop_timeout = stop_timeout
         self._binary = binary
         self._process: asyncio.subprocess.Process | None = None
+        self._last_status: int | None = None
 
     def __repr__(self) -> str:
         return f"EmbeddedNats(url={self.url!r}, pid={self.pid!r})"
@@ -115,6 +117,16 @@ class EmbeddedNats:
     def pid(self) -> int | None:
         """The pid of the running server, or None while it is stopped."""
         return self._process.pid if self.running and self._process else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the server we started last, or None while it runs.
+
+        None too before the first start.
+        """
+        if self._process is not None:
+            return self._process.returncode
+        return self._last_status
 
     @property
     def running(self) -> bool:
@@ -167,7 +179,7 @@ class EmbeddedNats:
         argv = self.command()
         try:
             return await asyncio.create_subprocess_exec(
-                *argv,
+                *ending_with_parent(argv, "TERM"),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -235,6 +247,7 @@ class EmbeddedNats:
                 await process.wait()
 
         logger.info("stopped nats-server pid %d", process.pid)
+        self._last_status = process.returncode
         self._process = None
 
     async def aclose(self) -> None:

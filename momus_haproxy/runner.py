@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from .check import haproxy_version
 from .errors import (
@@ -85,7 +86,8 @@ async def _standalone(options: RunOptions) -> AsyncIterator[SidecarSettings]:
     settings = options.sidecar
     data = settings.data_dir
     url = options.nats.servers[0]
-    async with EmbeddedNats(url, data / "nats"):
+    nats = EmbeddedNats(url, data / "nats")
+    async with nats, _restarted(nats, "nats-server", "the same store"):
         installed = await asyncio.to_thread(read_installed, settings.config_dir)
         rendered, _ = starting_files(settings, installed)
         if rendered.files != installed:
@@ -93,15 +95,24 @@ async def _standalone(options: RunOptions) -> AsyncIterator[SidecarSettings]:
         haproxy = HAProxyProcess(
             settings.config_dir, data / "run", haproxy_bin=settings.haproxy_bin
         )
-        async with haproxy, _restarted(haproxy):
+        async with haproxy, _restarted(haproxy, "HAProxy", "the installed files"):
             _banner(options, haproxy)
             yield replace(settings, master_socket=haproxy.master_socket)
 
 
+class _Child(Protocol):
+    """A process standalone mode starts and keeps running."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def start(self) -> object: ...
+
+
 @contextlib.asynccontextmanager
-async def _restarted(haproxy: HAProxyProcess) -> AsyncIterator[None]:
-    """Keep `haproxy` running for the duration: start it again when it exits."""
-    task = asyncio.create_task(_keep_running(haproxy))
+async def _restarted(child: _Child, name: str, on: str) -> AsyncIterator[None]:
+    """Keep `child` running for the duration: start it again when it exits."""
+    task = asyncio.create_task(_keep_running(child, name, on))
     try:
         yield
     finally:
@@ -110,11 +121,11 @@ async def _restarted(haproxy: HAProxyProcess) -> AsyncIterator[None]:
             await task
 
 
-async def _keep_running(haproxy: HAProxyProcess) -> None:
-    """Start HAProxy again on the installed files each time its master exits.
+async def _keep_running(child: _Child, name: str, on: str) -> None:
+    """Start `child` again (on `on`, for the log) each time it exits.
 
-    The delay before a start doubles while HAProxy keeps exiting (or failing
-    to start), and goes back to `RESTART_DELAY` once it has run for
+    The delay before a start doubles while it keeps exiting (or failing to
+    start), and goes back to `RESTART_DELAY` once it has run for
     `STABLE_AFTER` seconds.
     """
     delay = RESTART_DELAY
@@ -122,23 +133,23 @@ async def _keep_running(haproxy: HAProxyProcess) -> None:
         started = time.monotonic()
         # HAProxy runs as a `subprocess.Popen`, whose exit nothing signals to
         # the event loop; reading its status ten times a second costs nothing.
-        while (status := haproxy.returncode) is None:  # noqa: ASYNC110
+        while (status := child.returncode) is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         if time.monotonic() - started >= STABLE_AFTER:
             delay = RESTART_DELAY
         log.warning(
-            "HAProxy's master %d exited with status %s; starting it again on the "
-            "installed files in %.1f s",
-            haproxy.pid,
+            "%s exited with status %s; starting it again on %s in %.1f s",
+            name,
             status,
+            on,
             delay,
         )
         await asyncio.sleep(delay)
         delay = min(delay * 2, MAX_RESTART_DELAY)
         try:
-            await haproxy.start()
+            await child.start()
         except ProcessError as exc:
-            log.error("could not start HAProxy again: %s", " ".join(str(exc).split()))
+            log.error("could not start %s again: %s", name, " ".join(str(exc).split()))
 
 
 def _command() -> str:
@@ -247,6 +258,7 @@ _ONCE_EXIT = {
     "check_unavailable": CheckError.exit_code,
     "install_failed": InstallError.exit_code,
     "reload_failed": ReloadError.exit_code,
+    "internal_error": MomusError.exit_code,
 }
 
 

@@ -58,6 +58,7 @@ from .errors import (
     InstallError,
     MomusError,
     ReloadError,
+    quoted,
 )
 from .install import install, read_installed
 from .reload import MasterSocket, ProcState
@@ -90,7 +91,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_DOCUMENT = b'{"Routes": [], "Clusters": []}'
 
-MAX_RETRY_DELAY = 60.0
+MAX_RETRY_DELAY = 8.0
 """Longest wait, in seconds, between two attempts at the same revision."""
 
 RELOAD_ATTEMPTS = 4
@@ -106,6 +107,7 @@ Outcome = Literal[
     "install_failed",
     "reload_failed",
     "kept",
+    "internal_error",
 ]
 
 
@@ -463,6 +465,12 @@ class Sidecar:
                 result = await self._apply(entry, started)
         except MomusError as exc:
             result = ApplyResult(entry.revision, _outcome(exc), _one_line(exc))
+        except Exception as exc:
+            # A bug of ours must cost this revision only, never the process
+            # (in standalone mode, HAProxy and NATS with it).
+            log.exception("revision %d: unexpected error", entry.revision)
+            reason = f"unexpected {type(exc).__name__}: {quoted(str(exc))}"
+            result = ApplyResult(entry.revision, "internal_error", reason)
         self._report(result, started)
         return result
 
@@ -501,10 +509,16 @@ class Sidecar:
 
     async def _check(self, rendered: Rendered) -> None:
         scratch_root = self.settings.data_dir / "scratch"
-        scratch_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
-            await asyncio.to_thread(_write_scratch, rendered.files, Path(scratch))
-            await check(Path(scratch), haproxy_bin=self.settings.haproxy_bin)
+        try:
+            scratch_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
+                await asyncio.to_thread(_write_scratch, rendered.files, Path(scratch))
+                await check(Path(scratch), haproxy_bin=self.settings.haproxy_bin)
+        except OSError as exc:
+            raise CheckUnavailableError(
+                f"cannot write the files to check into {str(scratch_root)!r}: "
+                f"{exc.strerror or exc}; nothing was installed."
+            ) from exc
 
     async def _check_and_plan(
         self, rendered: Rendered, installed: dict[str, str]
@@ -686,7 +700,7 @@ class Sidecar:
                 "revision %d %s: %s; still serving revision %s",
                 result.revision,
                 result.outcome.replace("_", " "),
-                result.error,
+                result.error.rstrip("."),
                 self.applied_revision,
             )
         if self.on_result is not None:

@@ -74,7 +74,15 @@ LOST_AFTER: Final = 3
 """A record older than this many of its instance's intervals is `lost`."""
 
 SETTLED: Final = frozenset(
-    {"applied", "unchanged", "runtime", "refused", "check_failed", "kept"}
+    {
+        "applied",
+        "unchanged",
+        "runtime",
+        "refused",
+        "check_failed",
+        "kept",
+        "internal_error",
+    }
 )
 """Results after which an instance is done with a revision.
 

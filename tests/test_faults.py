@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from momus_haproxy import sidecar as sidecar_module
 from momus_haproxy.errors import ReloadError
 from momus_haproxy.haproxy import HAProxyProcess
 from momus_haproxy.install import install, read_installed
@@ -331,6 +332,28 @@ class TestNats:
             await asyncio.sleep(2)
         assert prober.failures == []
 
+    async def test_embedded_nats_killed_in_standalone_mode(
+        self, echo_backends: EchoBackends
+    ) -> None:
+        """Standalone mode starts its nats-server again after SIGKILL and follows on."""
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        async with _standalone() as (port, nats_url, _, process):
+            async with open_operator(nats_url) as operator:
+                await operator.put(sites_document(("a.test", a.port)))
+            await _served_within(port, "a.test", "a")
+            (nats_pid,) = _children(process.pid, named="nats-server")
+            os.kill(nats_pid, signal.SIGKILL)
+            started = time.monotonic()
+            second = sites_document(("a.test", a.port), ("b.test", b.port))
+            await _put_when_nats_answers(nats_url, second)
+            recovery = await _served_within(port, "b.test", "b")
+            assert await _status(port, "a.test") == 200
+        _record(
+            "embedded nats-server killed (standalone mode)",
+            recovery_s=round(time.monotonic() - started, 2),
+        )
+        assert recovery < RECOVERY
+
     async def test_bucket_deleted_and_created_again(
         self,
         sidecar_stack: SidecarStackFactory,
@@ -411,6 +434,21 @@ class TestCancellation:
 
 class TestSidecarKilled:
     """The sidecar dies at the worst moment."""
+
+    async def test_standalone_children_end_with_it(self) -> None:
+        """SIGKILL of `run --standalone` leaves no nats-server or HAProxy behind.
+
+        Orphans would hold the ports and the NATS store, and the next start
+        would fail on them or open the store twice.
+        """
+        async with _standalone() as (_, _, _, process):
+            children = _children(process.pid)
+            assert len(children) == 2, children
+            process.kill()
+            deadline = time.monotonic() + RECOVERY
+            while [pid for pid in children if _alive(pid)]:
+                assert time.monotonic() < deadline, "children outlived their parent"
+                await asyncio.sleep(0.1)
 
     async def test_sigkill_between_install_and_reload(
         self,
@@ -648,7 +686,7 @@ class TestHAProxy:
         """
         a, b = echo_backends.start("a"), echo_backends.start("b")
         async with (
-            _standalone() as (port, nats_url, master),
+            _standalone() as (port, nats_url, master, _),
             open_operator(nats_url) as operator,
         ):
             await operator.put(sites_document(("a.test", a.port)))
@@ -762,6 +800,78 @@ class TestHAProxy:
                 recovery = await _served_within(stack.port, "b.test", "b")
         _record(
             f"haproxy -c failing ({outcome})",
+            sent=prober.sent,
+            failed=len(prober.failures),
+            recovery_s=round(time.monotonic() - started, 2),
+        )
+        assert prober.failures == []
+        assert recovery < RECOVERY
+
+    async def test_an_unexpected_error_costs_one_revision(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """A bug met while applying refuses that revision; the sidecar goes on.
+
+        In standalone mode an exception escaping the apply loop would stop
+        HAProxy and nats-server with the sidecar.
+        """
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        real = sidecar_module.parse_document
+
+        def broken(value: bytes) -> Any:
+            if b"boom.test" in value:
+                raise TypeError("a bug")
+            return real(value)
+
+        monkeypatch.setattr(sidecar_module, "parse_document", broken)
+        stack = await sidecar_stack(**PRODUCTION)
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
+            bad = await operator.put(
+                sites_document(("a.test", a.port), ("boom.test", b.port))
+            )
+            result = await stack.wait_revision(bad)
+            assert result.outcome == "internal_error", result
+            assert "TypeError" in result.error
+            assert await _status(stack.port, "a.test") == 200
+            await operator.put(sites_document(("a.test", a.port), ("b.test", b.port)))
+            await _served_within(stack.port, "b.test", "b")
+        assert stack.task is not None
+        assert not stack.task.done()
+
+    async def test_scratch_directory_not_writable(
+        self,
+        sidecar_stack: SidecarStackFactory,
+        nats_server: EmbeddedNats,
+        operator_kv: OperatorFactory,
+        echo_backends: EchoBackends,
+    ) -> None:
+        """Files that cannot be written for `haproxy -c` are a check without verdict."""
+        a, b = echo_backends.start("a"), echo_backends.start("b")
+        stack = await sidecar_stack(**PRODUCTION)
+        scratch = stack.settings.data_dir / "scratch"
+        async with operator_kv(nats_server.url) as operator:
+            await stack.wait_revision(
+                await operator.put(sites_document(("a.test", a.port)))
+            )
+            with Prober(stack.port, "a.test", "a") as prober, _immutable(scratch):
+                revision = await operator.put(
+                    sites_document(("a.test", a.port), ("b.test", b.port))
+                )
+                result = await stack.wait_revision(revision)
+                assert result.outcome == "check_unavailable", result
+                assert "cannot write the files to check" in result.error
+            started = time.monotonic()
+            recovery = await _served_within(stack.port, "b.test", "b")
+        _record(
+            "scratch directory not writable",
             sent=prober.sent,
             failed=len(prober.failures),
             recovery_s=round(time.monotonic() - started, 2),
@@ -1042,11 +1152,11 @@ class _KillOnReload:
 
 
 @contextlib.asynccontextmanager
-async def _standalone() -> AsyncIterator[tuple[int, str, MasterSocket]]:
+async def _standalone() -> AsyncIterator[tuple[int, str, MasterSocket, SidecarProcess]]:
     """Run `momus-haproxy run --standalone` in a short scratch directory.
 
-    Yields HAProxy's HTTP port, the NATS URL and a client for the master
-    socket. The process is stopped with SIGTERM; its nats-server and HAProxy
+    Yields HAProxy's HTTP port, the NATS URL, a client for the master socket
+    and the process. The process is stopped with SIGTERM; its nats-server and HAProxy
     are found by parent pid and killed if they outlive it.
     """
     data = Path(tempfile.mkdtemp(prefix="momus-"))
@@ -1061,7 +1171,7 @@ async def _standalone() -> AsyncIterator[tuple[int, str, MasterSocket]]:
     master = MasterSocket(data / "run" / "master.sock", retry_for=10)
     try:
         await _wait_for(lambda: _answers(port), 20, process)
-        yield port, nats_url, master
+        yield port, nats_url, master, process
     finally:
         children = _children(process.pid)
         process.stop()
@@ -1105,13 +1215,36 @@ async def _wait_for(
         await asyncio.sleep(0.1)
 
 
-def _children(pid: int) -> list[int]:
-    """The pids of the processes whose parent is `pid`."""
+def _children(pid: int, named: str = "") -> list[int]:
+    """The pids of the live processes whose parent is `pid` (and name `named`)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
                 stat = Path(f"/proc/{entry}/stat").read_text()
-                if int(stat.rpartition(")")[2].split()[1]) == pid:
+                name, _, rest = stat.partition(" (")[2].rpartition(")")
+                state, parent = rest.split()[:2]
+                if int(parent) == pid and state != "Z" and name.startswith(named):
                     found.append(int(entry))
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def _put_when_nats_answers(url: str, value: bytes) -> int:
+    """Put `value` as soon as NATS at `url` takes it again; return the revision."""
+    deadline = time.monotonic() + RECOVERY
+    while True:
+        try:
+            async with open_operator(url) as operator:
+                return await operator.put(value)
+        except Exception:
+            assert time.monotonic() < deadline, f"NATS at {url} did not come back"
+            await asyncio.sleep(0.2)
