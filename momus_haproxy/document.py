@@ -11,13 +11,17 @@ than dropped.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import idna
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import QUOTE_LIMIT, DocumentError, Issue, quoted
+from .errors import QUOTE_LIMIT, SUMMARY_ISSUES, DocumentError, Issue, quoted
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -36,14 +40,22 @@ __all__ = [
     "Destination",
     "Document",
     "Route",
+    "described",
     "format_location",
     "load_json",
     "parse_document",
     "parse_timespan",
+    "path_step",
 ]
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MAX_VALUE_LENGTH = 1024
+MAX_NAME_LENGTH = 256
+"""Longest header, query parameter or cookie name; HAProxy reads a name that
+goes into a sample fetch, such as `req.fhdr(NAME)`, into one small buffer."""
+MAX_HOST_LENGTH = 253
+MAX_NUMBER_DIGITS = 4300
+"""Digits of the longest integer read, Python's own default limit."""
 MAX_TIMER_MS = 2**31 - 1
 """HAProxy refuses a timeout or check interval longer than this (~24.8 days)."""
 # HAProxy 2.6 reads at most 64 words on a line. A route that matches on methods,
@@ -60,6 +72,8 @@ _SEGMENT_PARAM_RE = re.compile(r"^\{(\*{1,2})?([A-Za-z_][A-Za-z0-9_-]*)\}\Z")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _METHOD_RE = re.compile(r"^[A-Za-z]+\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_NUMERIC_HOST_RE = re.compile(r"^[0-9.]+\Z")
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _TIMESPAN_RE = re.compile(
     r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,7}))?\Z"
 )
@@ -82,6 +96,31 @@ def format_location(loc: tuple[int | str, ...]) -> str:
         else:
             text += f"[{json.dumps(part)}]"
     return text
+
+
+def path_step(key: str) -> str:
+    """Render an object key as the next step of a field path.
+
+    A plain name reads `.Name`; any other key (a newline, a quote, a long
+    name chosen by a hostile document) is escaped and cut short by
+    `format_location`, so that a path never breaks a log line.
+    """
+    if len(key) <= QUOTE_LIMIT and _PLAIN_KEY_RE.match(key):
+        return f".{key}"
+    return format_location((key,))
+
+
+def described(value: object) -> str:
+    """Name a JSON value in a message: `null`, `true`, `the string 'x'`..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {quoted(value)}"
+    if isinstance(value, int | float):
+        return f"the number {quoted(value)}"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def parse_timespan(value: str) -> int:
@@ -111,7 +150,7 @@ def _check_host(value: str) -> str:
     if ":" in host:
         raise ValueError(f"{quoted(value)}: a port in a host match is not supported")
     try:
-        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+        host = _ascii_host(host)
     except UnicodeError as exc:
         raise ValueError(f"{quoted(value)} is not a valid host name") from exc
     if len(host) > 253 or not _HOST_RE.match(host):
@@ -122,7 +161,23 @@ def _check_host(value: str) -> str:
     return host
 
 
+def _ascii_host(host: str) -> str:
+    """Return `host` in the ASCII form clients send (IDNA 2008 with UTS #46).
+
+    Python's own `idna` codec follows IDNA 2003, which maps `ß` to `ss` where
+    browsers and curl send `xn--...`. Raises UnicodeError for a bad name.
+    """
+    if host.isascii():
+        return host
+    wildcard = host.startswith("*.")
+    name = host.removeprefix("*.")
+    ascii_name = idna.encode(name, uts46=True).decode("ascii")
+    return f"*.{ascii_name}" if wildcard else ascii_name
+
+
 def _check_token(value: str) -> str:
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{quoted(value)} is longer than {MAX_NAME_LENGTH} characters")
     if not _TOKEN_RE.match(value):
         raise ValueError(
             f"{quoted(value)} may hold only letters, digits, '-', '_' and '.'"
@@ -156,6 +211,13 @@ def _check_match_value(value: str) -> str:
     # pattern would silently drop the rest of the condition.
     if not value:
         raise ValueError("an empty value cannot be matched; use a non-empty value")
+    # Quotes do not help: HAProxy ends an inline `{ ... }` condition at the
+    # first word that reads `}` once its quotes are removed.
+    if value == "}":
+        raise ValueError(
+            "'}' cannot be matched: HAProxy reads a lone '}' as the end of the "
+            "condition"
+        )
     return _check_text(value)
 
 
@@ -196,7 +258,7 @@ class _Model(BaseModel):
     def _match_key_case(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
-        names = {name.lower(): name for name in cls.model_fields}
+        names = _field_names(cls)
         result: dict[str, Any] = {}
         for key, value in data.items():
             name = names.get(str(key).lower(), str(key))
@@ -355,10 +417,19 @@ def _check_address(value: str) -> str:
 
 
 def _check_health(value: str) -> str:
-    if _split_address(value).path not in ("", "/"):
+    url = _split_address(value)
+    if url.path not in ("", "/"):
         raise ValueError(
             f"{quoted(value)}: a path in the health address is not supported; "
             "use HealthCheck.Active.Path"
+        )
+    # A check `addr` is resolved once, when HAProxy reads its configuration,
+    # without the resolvers that let a server's own name resolve later.
+    if not url.is_ip:
+        raise ValueError(
+            f"{quoted(value)}: a health address needs an IPv4 address such as "
+            "'http://10.0.0.2:8080', as HAProxy resolves a check address only "
+            "at start-up and refuses the whole configuration if that fails"
         )
     return value
 
@@ -399,11 +470,43 @@ class DestinationAddress:
 
 
 def _check_authority(value: str) -> str:
+    if len(value.split(":")[0]) > MAX_HOST_LENGTH:
+        raise ValueError(
+            f"{quoted(value)}: the host name is longer than {MAX_HOST_LENGTH} "
+            "characters"
+        )
     if not _AUTHORITY_RE.match(value.lower()):
         raise ValueError(f"{quoted(value)} is not a host name with an optional :port")
     return value.lower()
 
 
+def _check_ipv4(host: str, value: str) -> None:
+    """Refuse a host of digits and dots that is not a dotted IPv4 address.
+
+    libc would read `1234` or `010.0.0.1` as some other address, and HAProxy
+    would try to resolve `999.999.999.999` as a name.
+    """
+    if not _NUMERIC_HOST_RE.match(host):
+        return
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(
+            f"{quoted(value)}: {quoted(host)} is not a valid IPv4 address "
+            "(four numbers from 0 to 255, without leading zeros)"
+        ) from None
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> dict[str, str]:
+    """`model`'s field names by their lower-case form."""
+    return {name.lower(): name for name in model.model_fields}
+
+
+# A destination's address is read several times per render (validation,
+# servers, checks): parse each distinct string once. Bad ones raise, and an
+# exception is not cached.
+@functools.lru_cache(maxsize=65536)
 def _split_address(value: str) -> DestinationAddress:
     if _CONTROL_RE.search(value) or " " in value or "\\" in value:
         raise ValueError(f"{quoted(value)} must be one URL without spaces")
@@ -420,10 +523,16 @@ def _split_address(value: str) -> DestinationAddress:
         raise ValueError(f"{quoted(value)} has a port outside 1-65535") from exc
     host = (parts.hostname or "").lower()
     authority = parts.netloc.lower()
+    if len(host) > MAX_HOST_LENGTH:
+        raise ValueError(
+            f"{quoted(value)}: the host name is longer than {MAX_HOST_LENGTH} "
+            "characters"
+        )
     if not _AUTHORITY_RE.match(authority) or port == 0:
         raise ValueError(
             f"{quoted(value)} needs a host name or IPv4 address and a port in 1-65535"
         )
+    _check_ipv4(host, value)
     if parts.path not in ("", "/"):
         raise ValueError(
             f"{quoted(value)}: a path in a destination address is not supported"
@@ -568,9 +677,8 @@ def parse_document(data: bytes | str) -> Document:
     """Parse and validate a routing document, raising `DocumentError` if refused."""
     value = load_json(data)
     if not isinstance(value, dict):
-        kind = type(value).__name__.replace("dict", "object").replace("list", "array")
         raise DocumentError(
-            [Issue("", f"the document must be a JSON object, not a JSON {kind}")]
+            [Issue("", f"the document must be a JSON object, not {described(value)}")]
         )
     references = _reference_issues(value)
     try:
@@ -582,7 +690,19 @@ def parse_document(data: bytes | str) -> Document:
     issues = sorted(issues + references, key=_issue_order)
     if issues:
         raise DocumentError(issues)
-    return Document(tuple(model.Routes), tuple(model.Clusters), tuple(warnings))
+    return Document(tuple(model.Routes), tuple(model.Clusters), _collapsed(warnings))
+
+
+def _collapsed(warnings: list[Issue]) -> tuple[Issue, ...]:
+    """Keep the first `SUMMARY_ISSUES` warnings and count the rest in one more.
+
+    A document with thousands of unknown metadata keys would otherwise log a
+    line for each of them, at every revision.
+    """
+    more = len(warnings) - SUMMARY_ISSUES
+    if more <= 0:
+        return tuple(warnings)
+    return (*warnings[:SUMMARY_ISSUES], Issue("", f"and {more} more warnings"))
 
 
 def load_json(data: bytes | str) -> Any:
@@ -594,7 +714,13 @@ def load_json(data: bytes | str) -> Any:
         )
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_no_constant,
+            parse_int=_whole_number,
+            parse_float=_finite_number,
+        )
     except UnicodeDecodeError as exc:
         problem = f"the document is not UTF-8 text (byte {exc.start})"
     except json.JSONDecodeError as exc:
@@ -606,9 +732,36 @@ def load_json(data: bytes | str) -> Any:
             )
     except RecursionError:
         problem = "the document is not valid JSON: it is nested too deeply"
+    except _NumberTooLargeError as exc:
+        problem = f"the document holds {exc}"
     except ValueError as exc:
         problem = f"the document is not valid JSON: {exc}"
     raise DocumentError([Issue("", problem)])
+
+
+class _NumberTooLargeError(ValueError):
+    """A JSON number too large to be read as a number."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value; write a number or a string")
+
+
+def _whole_number(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_NUMBER_DIGITS:
+        raise _NumberTooLargeError(
+            f"a number of {digits} digits, too large to read; "
+            f"the limit is {MAX_NUMBER_DIGITS} digits"
+        )
+    return int(text)
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NumberTooLargeError(f"the number {quoted(text)}, too large to read")
+    return value
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -631,10 +784,31 @@ def _issues_from(exc: ValidationError) -> list[Issue]:
             message = "is not a field momus-haproxy knows; remove it or fix its name"
         elif error["type"] == "literal_error":
             message = f"{quoted(error['input'])} is not one of: {_expected(error)}"
+        elif error["type"] in _JSON_TYPES:
+            wanted = _JSON_TYPES[error["type"]]
+            message = f"must be {wanted}, not {described(error['input'])}"
         elif "input" in error and not isinstance(error["input"], dict | list):
-            message = f"{quoted(error['input'])}: {message[:1].lower()}{message[1:]}"
+            message = _with_input(message, quoted(error["input"]))
         issues.append(Issue(path, message))
     return issues
+
+
+def _with_input(message: str, shown: str) -> str:
+    """Start a message with the value at fault, unless it already does."""
+    if message.startswith(shown):
+        return message
+    return f"{shown}: {message[:1].lower()}{message[1:]}"
+
+
+_JSON_TYPES = {
+    "int_type": "a whole number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+"""Pydantic's type errors, and the JSON value each field wanted."""
 
 
 def _expected(error: Any) -> str:
@@ -730,15 +904,10 @@ def _unknown_metadata(
 ) -> list[Issue]:
     known = known | CLUSTER_METADATA
     return [
-        Issue(f"{where}.Metadata{_step(name)}", "is not used by momus-haproxy")
+        Issue(f"{where}.Metadata{path_step(name)}", "is not used by momus-haproxy")
         for name in sorted(metadata)
         if name not in known
     ]
-
-
-def _step(key: str) -> str:
-    """A metadata name as a step of its path: `.Name`, or cut short if long."""
-    return f".{key}" if len(key) <= QUOTE_LIMIT else format_location((key,))
 
 
 def route_flag(route: Route, name: str) -> bool | None:
@@ -767,15 +936,22 @@ def _cluster_problems(cluster: Cluster, where: str) -> list[Issue]:
                 )
             )
         servers[server] = name
-    threshold = cluster.Metadata.get("ConsecutiveFailuresHealthPolicy.Threshold")
-    if threshold is not None and not _is_threshold(threshold):
-        issues.append(
-            Issue(
-                f"{where}.Metadata.ConsecutiveFailuresHealthPolicy.Threshold",
-                f"{quoted(threshold)} must be a whole number from 1 to 999999999",
-            )
-        )
+    issues += _threshold_problems(cluster, where)
     return issues
+
+
+def _threshold_problems(cluster: Cluster, where: str) -> list[Issue]:
+    # A key given as null is given: the renderer reads it, not its default.
+    name = "ConsecutiveFailuresHealthPolicy.Threshold"
+    if name not in cluster.Metadata or _is_threshold(cluster.Metadata[name]):
+        return []
+    shown = described(cluster.Metadata[name])
+    return [
+        Issue(
+            f"{where}.Metadata.{name}",
+            f"must be a whole number from 1 to 999999999, not {shown}",
+        )
+    ]
 
 
 def _is_threshold(value: object) -> bool:

@@ -406,38 +406,82 @@ def _words(values: Iterable[str]) -> str:
     return " ".join(config_quote(v) for v in sorted(values))
 
 
-_HEADER_MODES = {
+_MATCH_METHODS = {
     "ExactHeader": "str",
     "HeaderPrefix": "beg",
-    "Contains": "sub",
-    "NotContains": "sub",
-}
-_QUERY_MODES = {
     "Exact": "str",
     "Prefix": "beg",
     "Contains": "sub",
     "NotContains": "sub",
 }
+# One pair of double quotes around an item of a header's list.
+_UNQUOTE = r'regsub("^\"(.*)\"$","\\1")'
+# ASP.NET Core decodes a query value leniently: a `%` that starts no escape
+# stays as it is. HAProxy's url_dec refuses such a value, so those `%` are
+# escaped first, in two steps that need no look-ahead (POSIX regex too), and
+# the value is then decoded as a form, `+` being a space.
+_QUERY_DECODE = r'regsub(%,%25,g),regsub("%25([0-9A-Fa-f]{2})","%\\1",g),url_dec(1)'
+# What is special in a regular expression, PCRE's or POSIX's, outside brackets.
+_REGEX_SPECIAL_RE = re.compile(r"([.\[\]{}()\\*+?^$|])")
 
 
 def _header_condition(header: Any) -> str:
-    if header.Mode == "Exists":
-        return f"{{ req.hdr_cnt({header.Name}) gt 0 }}"
-    if header.Mode == "NotExists":
-        return f"{{ req.hdr_cnt({header.Name}) eq 0 }}"
-    flags = "" if header.IsCaseSensitive else " -i"
-    method = _HEADER_MODES[header.Mode]
-    test = f"req.fhdr({header.Name}) -m {method}{flags} -- {_words(header.Values)}"
-    return ("!" if header.Mode == "NotContains" else "") + f"{{ {test} }}"
+    """One ACL test for a `Match.Headers` entry, with YARP's semantics.
+
+    YARP reads Contains and NotContains on each whole header line, and
+    ExactHeader and HeaderPrefix on each item of the comma-separated list
+    (`;`-separated for Cookie), each item without its leading spaces or one
+    pair of surrounding quotes. Exists needs a non-empty value and NotExists
+    is its opposite; NotContains also takes a request without the header.
+    """
+    name = header.Name
+    if header.Mode in ("Exists", "NotExists"):
+        negate = "!" if header.Mode == "NotExists" else ""
+        return f"{negate}{{ req.fhdr({name}) -m len 1: }}"
+    if header.Mode in ("Contains", "NotContains"):
+        return _test(f"req.fhdr({name})", "sub", header, header.Values)
+    if name.lower() == "cookie":
+        patterns = _cookie_patterns(header.Values, header.Mode == "HeaderPrefix")
+        return _test("req.fhdr(cookie)", "reg", header, patterns)
+    # Without an occurrence, req.hdr gives each item of the list in turn.
+    fetch = config_quote(f"req.hdr({name}),{_UNQUOTE}")
+    return _test(fetch, _MATCH_METHODS[header.Mode], header, header.Values)
+
+
+def _cookie_patterns(values: Iterable[str], prefix: bool) -> list[str]:
+    """Regular expressions that find a value among the `;`-separated cookies.
+
+    HAProxy splits header values at commas only, so the Cookie line is
+    searched for an item that equals (or starts with) the value, bare or
+    between quotes. The value is escaped to match literally.
+    """
+    patterns = []
+    for value in values:
+        text = _REGEX_SPECIAL_RE.sub(r"\\\1", value)
+        if prefix:
+            patterns.append(f'(^|;) *({text}|"{text}[^;]*"(;|$))')
+        else:
+            patterns.append(f'(^|;) *({text}|"{text}")(;|$)')
+    return patterns
 
 
 def _query_condition(query: Any) -> str:
+    """One ACL test for a `Match.QueryParameters` entry, on decoded values.
+
+    As in YARP, any occurrence of the parameter may match; Exists needs a
+    non-empty value, and NotContains also takes a request without one.
+    """
     if query.Mode == "Exists":
-        return f"{{ url_param({query.Name}) -m found }}"
-    flags = "" if query.IsCaseSensitive else " -i"
-    method = _QUERY_MODES[query.Mode]
-    test = f"url_param({query.Name}) -m {method}{flags} -- {_words(query.Values)}"
-    return ("!" if query.Mode == "NotContains" else "") + f"{{ {test} }}"
+        return f"{{ url_param({query.Name}) -m len 1: }}"
+    fetch = config_quote(f"url_param({query.Name}),{_QUERY_DECODE}")
+    return _test(fetch, _MATCH_METHODS[query.Mode], query, query.Values)
+
+
+def _test(fetch: str, method: str, item: Any, values: Iterable[str]) -> str:
+    """`{ FETCH -m METHOD [-i] -- VALUES }`, negated for NotContains."""
+    flags = "" if item.IsCaseSensitive else " -i"
+    test = f"{fetch} -m {method}{flags} -- {_words(values)}"
+    return ("!" if item.Mode == "NotContains" else "") + f"{{ {test} }}"
 
 
 # Route actions ---------------------------------------------------------------

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import QUOTE_LIMIT, Issue, quoted
+from .document import described, path_step
+from .errors import Issue, quoted
 
 __all__ = ["Transform", "check_transforms", "parse_transforms"]
 
@@ -81,16 +82,9 @@ def check_transforms(items: list[dict[str, Any]], where: str) -> list[Issue]:
         try:
             _parse_one(item)
         except _TransformError as exc:
-            path = f"{where}[{index}]" + (f".{_name(exc.key)}" if exc.key else "")
+            path = f"{where}[{index}]" + (path_step(exc.key) if exc.key else "")
             issues.append(Issue(path, exc.message))
     return issues
-
-
-def _name(key: str) -> str:
-    """A key as a path shows it: whole, unless a hostile document made it long."""
-    if len(key) <= QUOTE_LIMIT:
-        return key
-    return f"{key[:QUOTE_LIMIT]}... ({len(key)} characters)"
 
 
 def parse_transforms(items: list[dict[str, Any]]) -> list[Transform]:
@@ -125,7 +119,7 @@ def _canonical(item: dict[str, Any]) -> tuple[str, dict[str, str]]:
         if name in values:
             raise _TransformError(key, "is given twice in different letter case")
         if not isinstance(value, str):
-            raise _TransformError(name, f"{quoted(value)} must be a string")
+            raise _TransformError(name, f"must be a string, not {described(value)}")
         if _CONTROL_RE.search(value) or len(value) > 1024:
             raise _TransformError(
                 name, f"{quoted(value)} has a control character or is too long"
@@ -136,7 +130,7 @@ def _canonical(item: dict[str, Any]) -> tuple[str, dict[str, str]]:
 
 def _parse_one(item: Any) -> Transform:
     if not isinstance(item, dict):
-        raise _TransformError("", f"{quoted(item)} must be an object")
+        raise _TransformError("", f"must be an object, not {described(item)}")
     kind, values = _canonical(item)
     subject = values[kind]
     if kind in ("PathPrefix", "PathRemovePrefix", "PathSet"):
