@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,7 +127,8 @@ class TestRuntimeModel:
 
 # Against real HAProxy processes -----------------------------------------------
 
-HAPROXY_EXAMPLES = max(1, FUZZ_EXAMPLES // 3)
+# Each example starts HAProxy processes for every step: a few go a long way.
+HAPROXY_EXAMPLES = max(1, FUZZ_EXAMPLES // 6)
 HAPROXY_FUZZ = settings(
     FUZZ,
     max_examples=HAPROXY_EXAMPLES,
@@ -333,6 +335,7 @@ async def _walk_haproxy(
 
 
 class TestRuntimeOnHAProxy:
+    @pytest.mark.timeout(900)
     @HAPROXY_FUZZ
     @given(data=st.data())
     def test_live_worker_matches_a_fresh_start(
