@@ -230,8 +230,9 @@ class HAProxyProcess:
         ]
         if shutil.which(self.haproxy_bin) is None:
             raise ProcessError(missing_binary_message(self.haproxy_bin))
-        # If we die, the master stops softly: workers finish their requests.
-        command = ending_with_parent(command, "USR1")
+        # If we die (SIGKILL), HAProxy stops too, at once: a soft stop can
+        # be lost while the master re-executes for a reload.
+        command = ending_with_parent(command, "TERM")
         try:
             with self.log_path.open("ab") as log:
                 return subprocess.Popen(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from .errors import ProcessError
 
-__all__ = ["HealthServer", "Probe"]
+__all__ = ["HealthServer", "Probe", "check_bind"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,7 @@ class HealthServer:
         try:
             self._server = await asyncio.start_server(self._serve, self.host, self.port)
         except OSError as exc:
-            raise ProcessError(
-                f"cannot listen on {self.host}:{self.port} for the health "
-                f"endpoints: {exc.strerror or exc}; choose another address "
-                "with --health-bind (MOMUS_HEALTH_BIND), or an empty one for none."
-            ) from exc
+            raise _bind_error(self.host, self.port, exc) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("health endpoints on http://%s:%d/readyz", self.host, self.port)
 
@@ -107,3 +104,26 @@ class HealthServer:
         if path == "/metrics" and self.metrics is not None:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics()
         return 404, "text/plain", b"not found\n"
+
+
+def check_bind(host: str, port: int) -> None:
+    """Raise the error `start()` would raise if `host:port` cannot be bound now.
+
+    Standalone mode asks before it starts nats-server and HAProxy, so that a
+    taken port stops it before anything runs.
+    """
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise _bind_error(host, port, exc) from exc
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> ProcessError:
+    return ProcessError(
+        f"cannot listen on {host}:{port} for the health endpoints: "
+        f"{exc.strerror or exc}; choose another address with --health-bind "
+        "(MOMUS_HEALTH_BIND), or an empty one for none."
+    )

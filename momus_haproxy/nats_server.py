@@ -183,6 +183,9 @@ class EmbeddedNats:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                # Ctrl-C goes to the terminal's process group; the server
+                # must stop when we stop it, after the sidecar, not at once.
+                start_new_session=True,
             )
         except OSError as exc:
             raise ProcessError(f"could not run {argv[0]!r}: {exc}") from exc

@@ -35,7 +35,7 @@ from .errors import (
     ReloadError,
 )
 from .haproxy import HAProxyProcess
-from .health import HealthServer
+from .health import HealthServer, check_bind
 from .install import install, read_installed
 from .metrics import Metrics
 from .nats_server import EmbeddedNats
@@ -77,6 +77,9 @@ async def run(options: RunOptions) -> None:
     if not options.standalone:
         await _serve(options)
         return
+    if options.health_bind:
+        host, _, port = options.health_bind.rpartition(":")
+        check_bind(host, int(port))
     async with _standalone(options) as settings:
         await _serve(replace(options, sidecar=settings))
 

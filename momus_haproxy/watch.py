@@ -172,6 +172,11 @@ class NatsOptions(BaseModel):
         """Refuse a server that is not a nats://, tls://, ws:// or wss:// URL."""
         for url in servers:
             parts = urlsplit(url)
+            try:
+                parts.port  # noqa: B018 (reading it checks the port's range)
+            except ValueError:
+                shown = redact_url(url)
+                raise ValueError(f"{shown!r} has a port outside 1-65535") from None
             if parts.scheme not in URL_SCHEMES or not parts.hostname:
                 shown = redact_url(url)
                 message = f"{shown!r} is not a NATS URL such as {DEFAULT_SERVER}"

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -446,8 +447,8 @@ class TestSidecarKilled:
             assert len(children) == 2, children
             process.kill()
             deadline = time.monotonic() + RECOVERY
-            while [pid for pid in children if _alive(pid)]:
-                assert time.monotonic() < deadline, "children outlived their parent"
+            while alive := [pid for pid in children if _alive(pid)]:
+                assert time.monotonic() < deadline, f"children outlived it: {alive}"
                 await asyncio.sleep(0.1)
 
     async def test_sigkill_between_install_and_reload(
@@ -540,6 +541,66 @@ class TestStartUp:
         text = sidecar.text()
         assert "does not answer yet" in text, text
         assert "ERROR" not in text, text
+
+
+class TestStandaloneStartAndStop:
+    """`run --standalone` refuses early and stops cleanly."""
+
+    def test_taken_health_port_stops_it_before_anything_starts(
+        self, tmp_path: Path
+    ) -> None:
+        """A taken --health-bind is one error line, before NATS or HAProxy run."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            health = f"127.0.0.1:{taken.getsockname()[1]}"
+            process = SidecarProcess(
+                _standalone_args(tmp_path, health), tmp_path / "log"
+            )
+            assert process.process.wait(30) == 7
+        text = process.text()
+        assert "--health-bind" in text
+        assert "started nats-server" not in text
+        assert "Traceback" not in text
+
+    def test_ctrl_c_to_the_process_group_stops_it_cleanly(self, tmp_path: Path) -> None:
+        """Ctrl-C reaches the whole group; nats-server waits to be stopped last."""
+        log = tmp_path / "log"
+        command = [sys.executable, "-c", "from momus_haproxy.cli import main; main()"]
+        with log.open("ab") as stream:
+            process = subprocess.Popen(
+                [*command, "run", *_standalone_args(tmp_path, "")],
+                stdin=subprocess.DEVNULL,
+                stdout=stream,
+                stderr=stream,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while "watching key" not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            children = _children(process.pid)
+            os.killpg(process.pid, signal.SIGINT)
+            assert process.wait(30) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        text = log.read_text(errors="replace")
+        assert "exited with status" not in text, text
+        assert "stopped nats-server" in text
+        assert not [pid for pid in children if _alive(pid)]
+
+
+def _standalone_args(data: Path, health: str) -> list[str]:
+    """`run --standalone` options on free loopback ports, data in `data`."""
+    return [
+        "--standalone", f"--data-dir={data / 'd'}",
+        f"--nats-url=nats://127.0.0.1:{free_port()}",
+        f"--http-bind=127.0.0.1:{free_port()}", "--stats-bind=",
+        f"--health-bind={health}", "--status-bucket=",
+    ]  # fmt: skip
 
 
 class TestRetryPolicy:

@@ -209,3 +209,24 @@ async def test_mworker_max_reloads_bounds_the_number_of_old_workers(
     outcomes = await asyncio.gather(*requests)
     assert outcomes[-1] == 200
     assert all(outcome != 200 for outcome in outcomes[:-1])
+
+
+async def test_a_second_haproxy_on_the_same_address_fails_to_start(
+    tmp_path: Path, haproxy_runner: HAProxyRunner
+) -> None:
+    """Two rendered configurations on one address: the second HAProxy fails.
+
+    With SO_REUSEPORT both would listen and share the connections, and a
+    forgotten second stack would silently answer part of the traffic.
+    """
+    from momus_haproxy.document import parse_document
+    from momus_haproxy.install import install
+    from momus_haproxy.render import RenderSettings, render
+
+    empty = parse_document(b'{"Routes": [], "Clusters": []}')
+    settings = RenderSettings(http_bind=f"127.0.0.1:{free_port()}", stats_bind=None)
+    for name in ("first", "second"):
+        install(render(empty, settings).files, tmp_path / name)
+    await haproxy_runner(tmp_path / "first")
+    with pytest.raises(ProcessError, match="cannot bind"):
+        await haproxy_runner(tmp_path / "second")
