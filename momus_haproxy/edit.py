@@ -812,6 +812,19 @@ async def _load_side(store: Store | None, spec: str) -> bytes:
     return entry.value
 
 
+def _raw_side(value: bytes, spec: str) -> Raw:
+    """`load_raw` of one side of a diff; a refusal names the side."""
+    try:
+        return load_raw(value)
+    except DocumentError as exc:
+        side = f"revision {spec}" if _is_revision(spec) else spec
+        issues = [
+            Issue(f"{side} {issue.path}" if issue.path else side, issue.message)
+            for issue in exc.issues
+        ]
+        raise DocumentError(issues) from exc
+
+
 @config_group.command("diff")
 @click.argument("old", metavar="A")
 @click.argument("new", metavar="B")
@@ -832,7 +845,7 @@ def diff_command(old: str, new: str, as_json: bool, **options: Any) -> None:
 
     before, after = _run(both())
     try:
-        diff = diff_documents(load_raw(before), load_raw(after))
+        diff = diff_documents(_raw_side(before, old), _raw_side(after, new))
     except MomusError as exc:
         fail(exc)
     if as_json:

@@ -26,7 +26,7 @@ from momus_haproxy.render import RenderSettings
 from momus_haproxy.watch import NatsOptions, Store
 from tests.support.cases import CASES, SERVED_CASES
 from tests.support.fleet import cli, spawn
-from tests.support.nats import open_operator
+from tests.support.nats import OperatorFactory, open_operator
 
 DOCUMENTS = [CASES / name / "route-config.json" for name in SERVED_CASES]
 REJECTED = json.loads((CASES / "rejected-documents" / "expect.json").read_text())
@@ -468,6 +468,21 @@ class TestCommands:
                 "new": "http://127.0.0.1:9002",
             }
         ]
+
+    async def test_diff_names_a_revision_that_is_not_a_document(
+        self, nats_server: EmbeddedNats, tmp_path: Path, operator_kv: OperatorFactory
+    ) -> None:
+        """A stored revision that is not JSON is named in `config diff`'s refusal."""
+        url = f"--nats-url={nats_server.url}"
+        first = tmp_path / "first.json"
+        first.write_bytes(dump_raw(BASE))
+        assert (await cli("config", "put", str(first), url)).exit_code == 0
+        async with operator_kv(nats_server.url) as operator:
+            broken = await operator.put(b"{not json")
+
+        refused = await cli("config", "diff", "1", str(broken), url)
+        assert refused.exit_code == 2
+        assert f"revision {broken}: the document is not valid JSON" in refused.output
 
 
 async def _streams(url: str) -> list[str]:
