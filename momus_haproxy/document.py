@@ -153,7 +153,7 @@ def _check_host(value: str) -> str:
         host = _ascii_host(host)
     except UnicodeError as exc:
         raise ValueError(f"{quoted(value)} is not a valid host name") from exc
-    if len(host) > 253 or not _HOST_RE.match(host):
+    if len(host) > MAX_HOST_LENGTH or not _HOST_RE.match(host):
         raise ValueError(
             f"{quoted(value)} is not a host name or a '*.' wildcard such as "
             "'*.example.com'"
@@ -470,14 +470,19 @@ class DestinationAddress:
 
 
 def _check_authority(value: str) -> str:
-    if len(value.split(":")[0]) > MAX_HOST_LENGTH:
+    _check_host_length(value.split(":")[0], value)
+    if not _AUTHORITY_RE.match(value.lower()):
+        raise ValueError(f"{quoted(value)} is not a host name with an optional :port")
+    return value.lower()
+
+
+def _check_host_length(host: str, value: str) -> None:
+    """Refuse a host name longer than DNS allows; HAProxy's check fails on it."""
+    if len(host) > MAX_HOST_LENGTH:
         raise ValueError(
             f"{quoted(value)}: the host name is longer than {MAX_HOST_LENGTH} "
             "characters"
         )
-    if not _AUTHORITY_RE.match(value.lower()):
-        raise ValueError(f"{quoted(value)} is not a host name with an optional :port")
-    return value.lower()
 
 
 def _check_ipv4(host: str, value: str) -> None:
@@ -523,11 +528,7 @@ def _split_address(value: str) -> DestinationAddress:
         raise ValueError(f"{quoted(value)} has a port outside 1-65535") from exc
     host = (parts.hostname or "").lower()
     authority = parts.netloc.lower()
-    if len(host) > MAX_HOST_LENGTH:
-        raise ValueError(
-            f"{quoted(value)}: the host name is longer than {MAX_HOST_LENGTH} "
-            "characters"
-        )
+    _check_host_length(host, value)
     if not _AUTHORITY_RE.match(authority) or port == 0:
         raise ValueError(
             f"{quoted(value)} needs a host name or IPv4 address and a port in 1-65535"

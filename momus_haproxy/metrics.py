@@ -22,6 +22,7 @@ describe the sidecar:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,22 +34,11 @@ from prometheus_client import (
 )
 
 from . import __version__
-from .sidecar import ApplyResult, Sidecar
+from .sidecar import ApplyResult, Outcome, Sidecar
 
 __all__ = ["RESULTS", "Metrics"]
 
-RESULTS = (
-    "applied",
-    "unchanged",
-    "runtime",
-    "refused",
-    "check_failed",
-    "check_unavailable",
-    "install_failed",
-    "reload_failed",
-    "kept",
-    "internal_error",
-)
+RESULTS = get_args(Outcome)
 STAGES = ("render", "check", "reload")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

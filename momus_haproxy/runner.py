@@ -78,8 +78,7 @@ async def run(options: RunOptions) -> None:
         await _serve(options)
         return
     if options.health_bind:
-        host, _, port = options.health_bind.rpartition(":")
-        check_bind(host, int(port))
+        check_bind(*_health_address(options.health_bind))
     async with _standalone(options) as settings:
         await _serve(replace(options, sidecar=settings))
 
@@ -135,7 +134,7 @@ async def _keep_running(child: _Child, name: str, on: str) -> None:
     while True:
         started = time.monotonic()
         # HAProxy runs as a `subprocess.Popen`, whose exit nothing signals to
-        # the event loop; reading its status ten times a second costs nothing.
+        # the event loop; reading a status ten times a second costs nothing.
         while (status := child.returncode) is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         if time.monotonic() - started >= STABLE_AFTER:
@@ -265,10 +264,16 @@ _ONCE_EXIT = {
 }
 
 
+def _health_address(bind: str) -> tuple[str, int]:
+    """Split `--health-bind` (`ADDR:PORT`, `[::1]:PORT`) into host and port."""
+    host, _, port = bind.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def _health(options: RunOptions, instance: Instance) -> HealthServer | None:
     if not options.health_bind:
         return None
-    host, _, port = options.health_bind.rpartition(":")
+    host, port = _health_address(options.health_bind)
     sidecar, tracker = instance.sidecar, instance.tracker
     master = MasterSocket(sidecar.settings.master_socket, retry_for=0.5)
 
@@ -289,9 +294,7 @@ def _health(options: RunOptions, instance: Instance) -> HealthServer | None:
             return False, f"HAProxy's master does not answer: {exc}"
         return True, f"revision {revision} served by master pid {state.master_pid}"
 
-    return HealthServer(
-        host.strip("[]") or "127.0.0.1", int(port), ready, instance.metrics.render
-    )
+    return HealthServer(host, port, ready, instance.metrics.render)
 
 
 def default_paths(data_dir: Path) -> tuple[Path, Path]:

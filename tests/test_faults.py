@@ -555,7 +555,7 @@ class TestStandaloneStartAndStop:
             taken.listen()
             health = f"127.0.0.1:{taken.getsockname()[1]}"
             process = SidecarProcess(
-                _standalone_args(tmp_path, health), tmp_path / "log"
+                _standalone_args(tmp_path / "d", health=health), tmp_path / "log"
             )
             assert process.process.wait(30) == 7
         text = process.text()
@@ -569,7 +569,7 @@ class TestStandaloneStartAndStop:
         command = [sys.executable, "-c", "from momus_haproxy.cli import main; main()"]
         with log.open("ab") as stream:
             process = subprocess.Popen(
-                [*command, "run", *_standalone_args(tmp_path, "")],
+                [*command, "run", *_standalone_args(tmp_path / "d")],
                 stdin=subprocess.DEVNULL,
                 stdout=stream,
                 stderr=stream,
@@ -593,12 +593,14 @@ class TestStandaloneStartAndStop:
         assert not [pid for pid in children if _alive(pid)]
 
 
-def _standalone_args(data: Path, health: str) -> list[str]:
-    """`run --standalone` options on free loopback ports, data in `data`."""
+def _standalone_args(
+    data: Path, *, nats_url: str = "", port: int = 0, health: str = ""
+) -> list[str]:
+    """`run --standalone` options on loopback (free ports unless given)."""
+    nats_url = nats_url or f"nats://127.0.0.1:{free_port()}"
     return [
-        "--standalone", f"--data-dir={data / 'd'}",
-        f"--nats-url=nats://127.0.0.1:{free_port()}",
-        f"--http-bind=127.0.0.1:{free_port()}", "--stats-bind=",
+        "--standalone", f"--data-dir={data}", f"--nats-url={nats_url}",
+        f"--http-bind=127.0.0.1:{port or free_port()}", "--stats-bind=",
         f"--health-bind={health}", "--status-bucket=",
     ]  # fmt: skip
 
@@ -1221,13 +1223,8 @@ async def _standalone() -> AsyncIterator[tuple[int, str, MasterSocket, SidecarPr
     are found by parent pid and killed if they outlive it.
     """
     data = Path(tempfile.mkdtemp(prefix="momus-"))
-    port, nats_port = free_port(), free_port()
-    nats_url = f"nats://127.0.0.1:{nats_port}"
-    args = [
-        "--standalone", f"--data-dir={data}", f"--nats-url={nats_url}",
-        f"--http-bind=127.0.0.1:{port}", "--stats-bind=", "--health-bind=",
-        "--status-bucket=",
-    ]  # fmt: skip
+    port, nats_url = free_port(), f"nats://127.0.0.1:{free_port()}"
+    args = _standalone_args(data, nats_url=nats_url, port=port)
     process = SidecarProcess(args, data / "momus.log")
     master = MasterSocket(data / "run" / "master.sock", retry_for=10)
     try:
